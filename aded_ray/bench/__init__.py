@@ -1,0 +1,1 @@
+"""Benchmarks: trace recording and trace replay (drafter quality and speed without the model)."""

@@ -1,0 +1,110 @@
+"""Trace replay: measure drafters on recorded greedy continuations, without running the model.
+
+Each step of a trace mirrors real greedy decoding: the context is the prompt plus the output so far plus the
+step's root token (the model's own next token, known from the trace); the drafter observes it (adaptive
+update) and drafts a tree; the step accepts the longest tree path that matches the recorded continuation and
+emits root + accepted tokens. MAT = emitted tokens / steps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aded_ray.draft.tree import DraftTree
+
+
+def accepted_length(tree: DraftTree, target: np.ndarray) -> int:
+    """Length of the longest root-to-node path whose tokens equal ``target[:len]``.
+
+    >>> accepted_length(DraftTree([3, 4, 5], [-1, -1, 1]), np.array([4, 5, 9]))
+    2
+    """
+    node, acc = -1, 0
+    parents, tokens = tree.parents, tree.tokens
+    while acc < target.shape[0]:
+        kids = np.flatnonzero((parents == node) & (tokens == target[acc]))
+        if kids.shape[0] == 0:
+            break
+        node = int(kids[0])
+        acc += 1
+    return acc
+
+
+@dataclass
+class ReplayResult:
+    name: str
+    traces: int = 0
+    steps: int = 0
+    emitted: int = 0
+    nodes: int = 0
+    empty_steps: int = 0
+    draft_us: list = field(default_factory=list, repr=False)
+
+    @property
+    def mat(self) -> float:
+        return self.emitted / max(self.steps, 1)
+
+    def summary(self) -> dict:
+        us = np.asarray(self.draft_us) if self.draft_us else np.zeros(1)
+        return {"name": self.name, "traces": self.traces, "steps": self.steps, "emitted": self.emitted,
+                "mat": round(self.mat, 4), "nodes_per_step": round(self.nodes / max(self.steps, 1), 2),
+                "empty_draft_rate": round(self.empty_steps / max(self.steps, 1), 4),
+                "draft_us_p50": round(float(np.percentile(us, 50)), 1),
+                "draft_us_p95": round(float(np.percentile(us, 95)), 1)}
+
+
+def replay(traces: list[dict], drafter, name: str = "drafter", progress=None) -> ReplayResult:
+    """Replay ``traces`` through ``drafter`` (``observe(seq)`` then ``draft(seq)``, timed together)."""
+    res = ReplayResult(name)
+    for tr in traces:
+        prompt = list(tr["prompt_ids"])
+        out = np.asarray(tr["output_ids"], np.int32)
+        seq = np.asarray(prompt + out.tolist(), np.int32)
+        p = len(prompt)
+        i = 0
+        while i < out.shape[0]:
+            ctx = seq[: p + i + 1]  # committed tokens + the step's root token out[i]
+            t0 = time.perf_counter()
+            drafter.observe(ctx)
+            tree = drafter.draft(ctx)
+            res.draft_us.append((time.perf_counter() - t0) * 1e6)
+            acc = accepted_length(tree, out[i + 1:])
+            res.steps += 1
+            res.emitted += 1 + acc
+            res.nodes += len(tree)
+            res.empty_steps += len(tree) == 0
+            i += 1 + acc
+        res.traces += 1
+        if progress is not None:
+            progress.update(1)
+    return res
+
+
+class AuthorsDrafter:
+    """The authors' Rust drafter (``draftretriever``): MCTS + adaptive update inside ``Reader.search``."""
+
+    def __init__(self, index_path: str, choices: int = 64):
+        import draftretriever
+
+        self.reader = draftretriever.Reader(str(index_path))
+        self.choices = choices
+
+    def observe(self, seq) -> None:
+        pass  # search() updates the matrix itself
+
+    def draft(self, seq) -> DraftTree:
+        if len(seq) < 2:  # the Rust code underflows (aborts the process) on shorter input
+            return DraftTree()
+        paths = self.reader.search([int(t) for t in seq], choices=self.choices)[0]
+        return DraftTree.from_paths([[t for t in p if t >= 0] for p in paths], max_nodes=64)
+
+
+def result_row(r: dict) -> str:
+    return (f"| {r['name']} | {r['mat']:.3f} | {r['nodes_per_step']:.1f} | {r['draft_us_p50']:.0f} | "
+            f"{r['draft_us_p95']:.0f} | {r['empty_draft_rate']:.1%} |")
+
+
+TABLE_HEAD = ("| drafter | MAT | nodes/step | µs/call p50 | µs/call p95 | empty drafts |\n"
+              "|---|---|---|---|---|---|")

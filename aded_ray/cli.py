@@ -1,0 +1,128 @@
+"""``aded``: build-store, record-traces, bench-draft (thin glue over the library)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from aded_ray.paths import cache_dir
+
+
+def default_store() -> Path:
+    return cache_dir() / "stores" / "sharegpt.tri"
+
+
+def _build_store(a) -> int:
+    from aded_ray.build_store import build_store
+
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    rep = build_store(corpus=a.corpus, out=a.out, model=a.model, top_k=a.top_k, limit=a.limit,
+                      authors_out=a.authors_out, progress=not a.quiet)
+    print(json.dumps(rep) if a.json else "\n".join(f"{k:>20}: {v}" for k, v in rep.items()))
+    return 0
+
+
+def _record_traces(a) -> int:
+    from aded_ray.bench.traces import record_traces
+
+    out = a.out or cache_dir() / "traces" / f"{a.prompts}.jsonl"
+    record_traces(prompts=a.prompts, out=out, model=a.model, limit=a.limit, max_new_tokens=a.max_new_tokens,
+                  batch_size=a.batch_size)
+    return 0
+
+
+def _bench_draft(a) -> int:
+    from tqdm import tqdm
+
+    from aded_ray.bench.replay import TABLE_HEAD, AuthorsDrafter, replay, result_row
+    from aded_ray.bench.traces import load_traces
+    from aded_ray.draft.lookup import PromptLookupDrafter
+    from aded_ray.draft.matrix import TrigramMatrix
+    from aded_ray.draft.mcts import MCTSDrafter
+
+    traces = []
+    for f in a.traces:
+        traces += load_traces(f)[: a.limit]
+    store = Path(a.store)
+    authors = Path(a.authors_index) if a.authors_index else store.with_suffix(".authors.idx")
+    drafters = []
+
+    def ours():
+        m = TrigramMatrix.load(store)
+        d = MCTSDrafter(m, seed=a.seed)
+        d.draft([0, 0])  # compile the numba kernels outside the timed region
+        m.reset_deltas()
+        return d
+
+    drafters.append(("aded_ray (parity)", ours))
+    if not a.no_authors:
+        if not authors.is_file():
+            print(f"authors' index {authors} not found: build it with `aded build-store ... --authors-out "
+                  f"{authors}`, or pass --no-authors", file=sys.stderr)
+            return 2
+        drafters.append(("authors (draftretriever)", lambda: AuthorsDrafter(authors, choices=64)))
+    drafters.append(("prompt lookup", PromptLookupDrafter))
+    results = []
+    for name, make in drafters:
+        d = make()
+        with tqdm(total=len(traces), desc=name, unit="trace", disable=a.json or a.quiet, file=sys.stderr) as bar:
+            results.append(replay(traces, d, name, progress=bar).summary())
+    if a.json:
+        main = dict(results[0])
+        main["drafters"] = results
+        main["traces_files"] = [str(f) for f in a.traces]
+        print(json.dumps(main))
+    else:
+        print(f"{len(traces)} traces from {', '.join(map(str, a.traces))}; store {store}")
+        print(TABLE_HEAD)
+        for r in results:
+            print(result_row(r))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="aded", description="ADED speculative decoding: stores, drafts, benchmarks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build-store", help="build a tri-gram store from a corpus")
+    b.add_argument("--corpus", required=True, help="sharegpt | stdlib | PATH (.jsonl, folder or text file)")
+    b.add_argument("--model", default=None, help="'smollm2' (bundled, default) or a local HF model folder")
+    b.add_argument("--out", default=str(default_store()))
+    b.add_argument("--top-k", type=int, default=12, help="successors kept per context")
+    b.add_argument("--limit", type=int, default=None, help="only the first N documents")
+    b.add_argument("--authors-out", default=None, help="also write the authors' draftretriever index here")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(fn=_build_store)
+
+    r = sub.add_parser("record-traces", help="record greedy continuations of the model for a prompt set")
+    r.add_argument("--prompts", required=True, choices=("mtbench", "humaneval", "grounded"))
+    r.add_argument("--model", default=None)
+    r.add_argument("--out", default=None, help="default: $ADED_CACHE_DIR/traces/<prompts>.jsonl")
+    r.add_argument("--limit", type=int, default=None)
+    r.add_argument("--max-new-tokens", type=int, default=256)
+    r.add_argument("--batch-size", type=int, default=16)
+    r.set_defaults(fn=_record_traces)
+
+    d = sub.add_parser("bench-draft", help="replay traces through the drafters, side by side")
+    d.add_argument("--traces", required=True, nargs="+", help="trace .jsonl files")
+    d.add_argument("--store", default=str(default_store()))
+    d.add_argument("--authors-index", default=None, help="default: <store>.authors.idx")
+    d.add_argument("--no-authors", action="store_true", help="skip the authors' drafter")
+    d.add_argument("--limit", type=int, default=None, help="traces per file")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", action="store_true", help="one JSON object (keys mat, nodes_per_step, draft_us_p50, ...)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(fn=_bench_draft)
+
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except ValueError as e:
+        print(f"aded {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""numba kernels over the tri-gram matrix: base CSR lookup, the delta overlay, the adaptive update.
+
+The matrix is passed around as two tuples of arrays so that every kernel is a plain function:
+
+``base = (first, keys, offsets, succ, weight)``
+    ``keys[k] = a * V + b`` sorted; contexts with first token ``a`` are ``keys[first[a]:first[a+1]]``;
+    successors of context ``k`` are ``succ[offsets[k]:offsets[k+1]]`` with float32 ``weight``.
+
+``ov = (slot_key, slot_head, e_tok, e_cnt, e_next, meta)``
+    an open-addressing table from context key to a linked list of ``(successor, count)`` entries.
+    ``meta = [bits, n_slots_used, n_entries_used]``. A count is a number of adaptive bumps: integers,
+    so deltas from many processes merge exactly in any order.
+
+``prm = [V, increment, cap]`` (float64): a weight is read as ``min(base + count * increment, cap)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+MAX_SUCC = 64  # merged successors returned per context (lowest weights dropped beyond this)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(cache=True, inline="always")
+def _slot_of(key, bits):
+    return np.int64((np.uint64(key) * _GOLDEN) >> np.uint64(64 - bits))
+
+
+@njit(cache=True)
+def ov_find(ov, key):
+    """Slot of context ``key`` in the overlay, or -1."""
+    slot_key, slot_head, e_tok, e_cnt, e_next, meta = ov
+    bits = meta[0]
+    mask = (np.int64(1) << bits) - 1
+    s = _slot_of(key, bits)
+    while slot_key[s] != -1:
+        if slot_key[s] == key:
+            return s
+        s = (s + 1) & mask
+    return -1
+
+
+@njit(cache=True)
+def ov_bump(ov, key, tok, n):
+    """Add ``n`` bumps to (context ``key``, successor ``tok``). The caller guarantees free capacity."""
+    slot_key, slot_head, e_tok, e_cnt, e_next, meta = ov
+    bits = meta[0]
+    mask = (np.int64(1) << bits) - 1
+    s = _slot_of(key, bits)
+    while slot_key[s] != -1 and slot_key[s] != key:
+        s = (s + 1) & mask
+    if slot_key[s] == -1:
+        slot_key[s] = key
+        slot_head[s] = -1
+        meta[1] += 1
+    e = slot_head[s]
+    while e != -1:
+        if e_tok[e] == tok:
+            e_cnt[e] += n
+            return
+        e = e_next[e]
+    e = meta[2]
+    meta[2] += 1
+    e_tok[e] = tok
+    e_cnt[e] = n
+    e_next[e] = slot_head[s]
+    slot_head[s] = e
+
+
+@njit(cache=True)
+def ov_rehash(old, new):
+    """Insert every entry of overlay ``old`` into the empty, larger overlay ``new``."""
+    slot_key, slot_head, e_tok, e_cnt, e_next, meta = old
+    for s in range(slot_key.shape[0]):
+        if slot_key[s] != -1:
+            e = slot_head[s]
+            while e != -1:
+                ov_bump(new, slot_key[s], e_tok[e], e_cnt[e])
+                e = e_next[e]
+
+
+@njit(cache=True)
+def base_range(base, V, a, b):
+    """``(lo, hi)`` successor range of context (a, b) in the base arrays; empty when absent."""
+    first, keys, offsets, succ, weight = base
+    if a < 0 or b < 0 or a >= V or b >= V:
+        return 0, 0
+    key = np.int64(a) * V + b
+    lo, hi = first[a], first[a + 1]
+    while lo < hi:  # binary search among the contexts starting with a (a few dozen on average)
+        mid = (lo + hi) >> 1
+        if keys[mid] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < first[a + 1] and keys[lo] == key:
+        return offsets[lo], offsets[lo + 1]
+    return 0, 0
+
+
+@njit(cache=True)
+def successors(base, ov, prm, a, b, tok_out, w_out):
+    """Merged successors of (a, b): base weights plus overlay bumps, capped, sorted.
+
+    Writes up to ``len(tok_out)`` entries sorted by weight (descending), then token id (ascending), so
+    the result depends only on the counts, never on insertion order. Returns the count.
+    """
+    first, keys, offsets, succ, weight = base
+    V = np.int64(prm[0])
+    inc, cap = prm[1], prm[2]
+    lo, hi = base_range(base, V, a, b)
+    cap_n = tok_out.shape[0]
+    n = 0
+    for j in range(lo, hi):
+        if n >= cap_n:
+            break
+        tok_out[n] = succ[j]
+        w_out[n] = weight[j]
+        n += 1
+    n_base = n
+    if ov[5][1] > 0 and a >= 0 and b >= 0:
+        s = ov_find(ov, np.int64(a) * V + b)
+        if s != -1:
+            e = ov[1][s]
+            while e != -1:
+                t = ov[2][e]
+                found = False
+                for i in range(n_base):
+                    if tok_out[i] == t:
+                        w_out[i] += ov[3][e] * inc
+                        found = True
+                        break
+                if not found:
+                    if n < cap_n:
+                        tok_out[n] = t
+                        w_out[n] = ov[3][e] * inc
+                        n += 1
+                    else:  # full: replace the weakest entry if this one is stronger
+                        wmin, imin = w_out[0], 0
+                        for i in range(1, n):
+                            if w_out[i] < wmin:
+                                wmin, imin = w_out[i], i
+                        if ov[3][e] * inc > wmin:
+                            tok_out[imin] = t
+                            w_out[imin] = ov[3][e] * inc
+                e = ov[4][e]
+    for i in range(n):
+        if w_out[i] > cap:
+            w_out[i] = cap
+    # insertion sort: (weight desc, token asc); the base part is already in this order
+    for i in range(1, n):
+        t, w = tok_out[i], w_out[i]
+        j = i - 1
+        while j >= 0 and (w_out[j] < w or (w_out[j] == w and tok_out[j] > t)):
+            tok_out[j + 1] = tok_out[j]
+            w_out[j + 1] = w_out[j]
+            j -= 1
+        tok_out[j + 1] = t
+        w_out[j + 1] = w
+    return n
+
+
+@njit(cache=True)
+def weight_of(base, ov, prm, a, b, c):
+    """Capped weight of the tri-gram (a, b, c); 0 when unknown."""
+    first, keys, offsets, succ, weight = base
+    V = np.int64(prm[0])
+    lo, hi = base_range(base, V, a, b)
+    w = 0.0
+    for j in range(lo, hi):
+        if succ[j] == c:
+            w = weight[j]
+            break
+    if ov[5][1] > 0 and a >= 0 and b >= 0:
+        s = ov_find(ov, np.int64(a) * V + b)
+        if s != -1:
+            e = ov[1][s]
+            while e != -1:
+                if ov[2][e] == c:
+                    w += ov[3][e] * prm[1]
+                    break
+                e = ov[4][e]
+    return min(w, prm[2])
+
+
+@njit(cache=True)
+def adaptive_update(ov, prm, seq, window):
+    """ADED's update: one bump for each tri-gram inside the last ``window`` tokens of ``seq``."""
+    V = np.int64(prm[0])
+    n = seq.shape[0]
+    for i in range(max(0, n - window), n - 2):
+        a, b, c = seq[i], seq[i + 1], seq[i + 2]
+        if 0 <= a < V and 0 <= b < V and 0 <= c < V:
+            ov_bump(ov, np.int64(a) * V + b, c, 1)
+
+
+@njit(cache=True)
+def apply_counts(ov, keys, toks, counts):
+    """Merge a batch of deltas ``(context key, successor, count)`` into the overlay."""
+    for i in range(keys.shape[0]):
+        ov_bump(ov, keys[i], toks[i], counts[i])
+
+
+@njit(cache=True)
+def ov_items(ov, keys_out, toks_out, counts_out):
+    """All overlay deltas as flat arrays; returns their number."""
+    slot_key, slot_head, e_tok, e_cnt, e_next, meta = ov
+    n = 0
+    for s in range(slot_key.shape[0]):
+        if slot_key[s] != -1:
+            e = slot_head[s]
+            while e != -1:
+                keys_out[n] = slot_key[s]
+                toks_out[n] = e_tok[e]
+                counts_out[n] = e_cnt[e]
+                n += 1
+                e = e_next[e]
+    return n

@@ -1,0 +1,1 @@
+"""Verification side: model loading, tree forward, acceptance (imports torch/transformers)."""

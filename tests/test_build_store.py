@@ -1,0 +1,53 @@
+"""build-store end to end on a small corpus with the real tokenizer, and the authors' drafter beside ours."""
+import json
+
+import numpy as np
+
+from aded_ray.bench.replay import AuthorsDrafter, replay
+from aded_ray.build_store import build_store
+from aded_ray.cli import main
+from aded_ray.data import iter_corpus
+from aded_ray.draft.matrix import TrigramMatrix
+from aded_ray.draft.mcts import MCTSDrafter
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog. The quick brown fox is quick.",
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n",
+    "ok",
+]
+
+
+def test_build_store_from_jsonl(tmp_path, tokenizer, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in TEXT))
+    assert list(iter_corpus(str(corpus))) == TEXT
+    out = tmp_path / "s.tri"
+    assert main(["build-store", "--corpus", str(corpus), "--out", str(out), "--authors-out",
+                 str(tmp_path / "s.authors.idx"), "--json", "--quiet"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["documents"] == 2                 # "ok" is shorter than 3 tokens
+    m = TrigramMatrix.load(out)
+    assert m.meta["corpus"] == str(corpus) and len(m.meta["tokenizer"]) == 16
+    ids = tokenizer(TEXT[1])["input_ids"]
+    assert m.weight(ids[0], ids[1], ids[2]) > 0
+    # the same tokens drafted by our MCTS and by the authors' Rust drafter
+    trace = {"prompt_ids": ids[:3], "output_ids": ids[3:]}
+    ours = replay([trace], MCTSDrafter(m)).mat
+    theirs = replay([trace], AuthorsDrafter(tmp_path / "s.authors.idx")).mat
+    assert ours > 1.5 and theirs > 1.5
+    assert len(AuthorsDrafter(tmp_path / "s.authors.idx").draft([ids[0]])) == 0   # guarded: no abort
+
+
+def test_corpus_errors():
+    import pytest
+
+    with pytest.raises(ValueError, match="nosuch"):
+        next(iter_corpus("nosuch-corpus"))
+    assert main(["build-store", "--corpus", "nosuch-corpus", "--out", "/tmp/x.tri", "--quiet"]) == 2
+
+
+def test_builtin_corpora_are_readable():
+    docs = list(iter_corpus("sharegpt", limit=5))
+    assert len(docs) == 5 and all(isinstance(d, str) and d for d in docs)
+    assert "def " in "".join(iter_corpus("stdlib", limit=3))
+    np.testing.assert_equal(len(list(iter_corpus("stdlib", limit=2))), 2)
