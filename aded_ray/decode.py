@@ -1,0 +1,145 @@
+"""The decode step, end to end. Read this file to know what one speculative step does.
+
+    logits = prefill(prompt)                        # KV = prompt
+    root   = pick(logits)                           # argmax, or a sample of the target distribution
+    loop:
+        commit root                                 # (stop here on EOS / max_new_tokens)
+        drafter.observe(committed)                  # 1. adaptive update (verified tokens only)
+        k    = budget.choose()                      # 2. draft budget from the cost model (0 = plain step)
+        tree = drafter.draft(committed, k)          # 3. draft tree below root            [CPU, µs]
+        logits = verifier.forward_tree(root, tree)  # 4. one forward over root + tree     [model, ms]
+        path, bonus = accept(tree, logits)          # 5. longest agreeing path; the bonus token
+        verifier.commit([root] + path)              # 6. KV keeps root + accepted nodes only
+        commit path; root = bonus
+
+The drafter, the verifier and the budget are duck-typed: ``drafter.observe(seq)``,
+``drafter.draft(seq, max_nodes) -> DraftTree``; ``verifier.prefill/forward_tree/commit/length``;
+``budget.choose() -> int`` and ``budget.observe(n_nodes, path)``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from aded_ray.draft.tree import DraftTree
+from aded_ray.verify.accept import SamplingParams, accept, sample_token
+
+
+@dataclass
+class GenerationStats:
+    """Per-request statistics (vLLM's meanings: drafts = steps that drafted, acceptance per draft token)."""
+
+    prompt_tokens: int = 0
+    steps: int = 0
+    emitted: int = 0
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    finish_reason: str | None = None
+
+    @property
+    def mat(self) -> float:
+        """Mean tokens committed per verification step (root + accepted)."""
+        return self.emitted / max(self.steps, 1)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / max(self.draft_tokens, 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(mat=round(self.mat, 4), acceptance_rate=round(self.acceptance_rate, 4))
+        return d
+
+
+class NoDraft:
+    """Plain decoding through the same loop: every step verifies the root alone."""
+
+    def observe(self, seq) -> None:
+        pass
+
+    def draft(self, seq, max_nodes: int | None = None) -> DraftTree:
+        return DraftTree()
+
+
+class FixedBudget:
+    def __init__(self, k: int = 64):
+        self.k = k
+
+    def choose(self) -> int:
+        return self.k
+
+    def observe(self, n_nodes: int, path: list[int]) -> None:
+        pass
+
+
+def generate_ids(verifier, drafter, prompt_ids, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+                 eos_ids=(), budget=None, stats: GenerationStats | None = None) -> Iterator[list[int]]:
+    """Yield lists of newly committed token ids until EOS or ``max_new_tokens``.
+
+    EOS tokens are yielded (the caller decides whether to show them); ``stats.finish_reason`` is ``"stop"``
+    after EOS and ``"length"`` after ``max_new_tokens``. Closing the generator stops decoding at once.
+    """
+    stats = stats if stats is not None else GenerationStats()
+    budget = budget if budget is not None else FixedBudget()
+    eos = set(int(e) for e in eos_ids)
+    gen = None
+    if not sampling.greedy and sampling.seed is not None:
+        gen = torch.Generator().manual_seed(sampling.seed)
+    committed = [int(t) for t in prompt_ids]
+    stats.prompt_tokens = len(committed)
+    t0 = time.perf_counter()
+    logits = verifier.prefill(committed)
+    stats.prefill_s = time.perf_counter() - t0
+    root = int(logits.argmax()) if sampling.greedy else sample_token(logits, sampling, gen)
+    produced = 0
+    while True:
+        committed.append(root)
+        produced += 1
+        stats.emitted += 1
+        if root in eos or produced >= max_new_tokens:
+            stats.finish_reason = "stop" if root in eos else "length"
+            yield [root]
+            return
+        t0 = time.perf_counter()
+        seq = np.asarray(committed, np.int32)
+        drafter.observe(seq)
+        k = budget.choose()
+        tree = drafter.draft(seq, k) if k > 0 else DraftTree()
+        t1 = time.perf_counter()
+        logits = verifier.forward_tree(root, tree)
+        path, bonus = accept(tree, logits, sampling, gen)
+        verifier.commit([0] + [i + 1 for i in path])
+        t2 = time.perf_counter()
+        stats.draft_s += t1 - t0
+        stats.verify_s += t2 - t1
+        stats.steps += 1
+        if len(tree):
+            stats.drafts += 1
+            stats.draft_tokens += len(tree)
+            stats.accepted_tokens += len(path)
+        budget.observe(len(tree), path)
+        out = [root]
+        finish = None
+        for i in path:
+            t = int(tree.tokens[i])
+            committed.append(t)
+            out.append(t)
+            produced += 1
+            stats.emitted += 1
+            if t in eos or produced >= max_new_tokens:
+                finish = "stop" if t in eos else "length"
+                break
+        if finish is not None:
+            stats.finish_reason = finish
+            yield out
+            return
+        yield out
+        root = bonus

@@ -1,0 +1,83 @@
+"""The target model over a draft tree: prefill, one forward over root + tree, KV compaction.
+
+The KV cache always holds exactly the committed tokens between steps. A step appends the root and the
+tree (T = N + 1 entries), then :meth:`TreeVerifier.commit` keeps the root and the accepted nodes, moved
+to the positions right after the committed prefix.
+
+Attention inside the step: every new token sees the whole prefix; inside the block, node i sees the root,
+its ancestors and itself (``tree.ancestor_mask(include_root=True)``); position ids are ``L + depth``.
+The mask is additive, in the model dtype (0 = attend, dtype-min = blocked), which sdpa and eager both
+honour (a bool mask is silently wrong with eager attention).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from aded_ray.draft.tree import DraftTree, ancestor_mask
+
+
+class TreeVerifier:
+    """One request's view of a causal LM: its KV cache and the committed length."""
+
+    def __init__(self, model):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._cache_cls = DynamicCache
+        self.cache = None
+        self.length = 0
+
+    def reset(self) -> None:
+        self.cache = self._cache_cls(config=self.model.config)
+        self.length = 0
+
+    @torch.inference_mode()
+    def prefill(self, ids) -> torch.Tensor:
+        """Run the prompt; returns ``[V]`` float32 logits for the position after it."""
+        if len(ids) == 0:
+            raise ValueError("prefill needs at least one token")
+        self.reset()
+        x = torch.as_tensor(np.asarray(ids, np.int64), device=self.device)[None]
+        out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True)
+        self.length = len(ids)
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def forward_tree(self, root: int, tree: DraftTree) -> torch.Tensor:
+        """Logits ``[N + 1, V]`` (float32) for root + tree nodes; appends N + 1 KV entries."""
+        L, n = self.length, len(tree) + 1
+        tokens = np.empty(n, np.int64)
+        tokens[0] = root
+        tokens[1:] = tree.tokens
+        pos = np.zeros(n, np.int64)
+        pos[1:] = tree.depths()
+        x = torch.from_numpy(tokens).to(self.device)[None]
+        position_ids = torch.from_numpy(pos + L).to(self.device)[None]
+        kwargs = {}
+        if n > 1:
+            allow = torch.ones(n, L + n, dtype=torch.bool)
+            allow[:, L:] = torch.from_numpy(ancestor_mask(tree.parents, include_root=True))
+            mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(~allow, torch.finfo(self.dtype).min)
+            kwargs["attention_mask"] = mask.to(self.device)[None, None]
+        out = self.model(input_ids=x, position_ids=position_ids, past_key_values=self.cache, use_cache=True,
+                         **kwargs)
+        return out.logits[0].float()
+
+    def commit(self, keep) -> None:
+        """Keep step entries ``keep`` (indices into root + tree, root = 0, in path order) and drop the rest."""
+        L = self.length
+        keep = list(keep)
+        n_new = self.cache.get_seq_length() - L
+        if keep != list(range(len(keep))):  # not already in place: move the accepted entries down
+            idx = torch.tensor([L + k for k in keep], device=self.device)
+            for layer in self.cache.layers:
+                layer.keys[:, :, L:L + len(keep)] = layer.keys.index_select(2, idx)
+                layer.values[:, :, L:L + len(keep)] = layer.values.index_select(2, idx)
+        drop = n_new - len(keep)
+        if drop:
+            self.cache.crop(-drop)
+        self.length = L + len(keep)
+        assert self.cache.get_seq_length() == self.length, (self.cache.get_seq_length(), self.length)
