@@ -1,4 +1,4 @@
-"""``aded``: build-store, record-traces, bench-draft (thin glue over the library)."""
+"""``aded``: build-store, record-traces, bench-draft, generate (thin glue over the library)."""
 from __future__ import annotations
 
 import argparse
@@ -81,6 +81,45 @@ def _bench_draft(a) -> int:
     return 0
 
 
+def _engine_config(a):
+    from aded_ray.config import DraftConfig, EngineConfig, VerifyConfig
+
+    return EngineConfig(store=a.store, draft=DraftConfig(max_nodes=a.max_nodes),
+                        verify=VerifyConfig(model=a.model, mode=a.mode, budget=a.budget))
+
+
+def _run(engine, prompt, a, speculate=True):
+    import time
+
+    t0 = time.perf_counter()
+    chunks = list(engine.generate(prompt, chat=a.chat, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                                  seed=a.seed, speculate=speculate))
+    dt = time.perf_counter() - t0
+    stats = chunks[-1].stats
+    return "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids], stats, dt
+
+
+def _generate(a) -> int:
+    from aded_ray.engine import Engine
+
+    engine = Engine(_engine_config(a))
+    list(engine.generate("Hello", max_new_tokens=8, speculate=False))
+    text, ids, st, dt = _run(engine, a.prompt, a)
+    print(text)
+    n = len(ids)
+    print(f"\n--- aded_ray ({engine.mode}, speculation {'on' if engine.speculate else 'off'}): {n} tokens in "
+          f"{dt:.2f} s = {n / dt:.1f} tok/s; steps {st.steps}, MAT {st.mat:.2f}, drafted {st.draft_tokens}, "
+          f"accepted {st.accepted_tokens} ({st.acceptance_rate:.1%}), draft {st.draft_s * 1e3:.0f} ms, "
+          f"verify {st.verify_s * 1e3:.0f} ms, finish {st.finish_reason}")
+    if a.compare:
+        text2, ids2, st2, dt2 = _run(engine, a.prompt, a, speculate=False)
+        n2 = len(ids2)
+        print(f"--- plain decoding ({engine.mode}): {n2} tokens in {dt2:.2f} s = {n2 / dt2:.1f} tok/s")
+        print(f"--- speed-up {(n / dt) / (n2 / dt2):.2f}x; outputs identical: {ids == ids2}")
+        return 0 if ids == ids2 or a.temperature > 0 else 1
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="aded", description="ADED speculative decoding: stores, drafts, benchmarks")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -116,7 +155,23 @@ def main(argv=None) -> int:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=_bench_draft)
 
+    g = sub.add_parser("generate", help="generate text with speculative decoding")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--store", default=None, help="tri-gram store (default: the ShareGPT store if built)")
+    g.add_argument("--model", default="smollm2")
+    g.add_argument("--mode", default="auto", help="auto | fp32 | fp32-packed | bf16 | bf16-packed | fp16")
+    g.add_argument("--budget", default="auto", help="draft nodes per step: auto (cost model) or a number")
+    g.add_argument("--max-nodes", type=int, default=64)
+    g.add_argument("--compare", action="store_true", help="also decode without speculation and compare")
+    g.set_defaults(fn=_generate)
+
     a = p.parse_args(argv)
+    if getattr(a, "budget", "auto") != "auto":
+        a.budget = int(a.budget)
     try:
         return a.fn(a)
     except ValueError as e:

@@ -14,7 +14,7 @@
 
 The drafter, the verifier and the budget are duck-typed: ``drafter.observe(seq)``,
 ``drafter.draft(seq, max_nodes) -> DraftTree``; ``verifier.prefill/forward_tree/commit/length``;
-``budget.choose() -> int`` and ``budget.observe(n_nodes, path)``.
+``budget.choose() -> int`` and ``budget.observe(budget, n_nodes, path)``.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class FixedBudget:
     def choose(self) -> int:
         return self.k
 
-    def observe(self, n_nodes: int, path: list[int]) -> None:
+    def observe(self, budget: int, n_nodes: int, path: list[int]) -> None:
         pass
 
 
@@ -125,7 +125,7 @@ def generate_ids(verifier, drafter, prompt_ids, *, max_new_tokens: int, sampling
             stats.drafts += 1
             stats.draft_tokens += len(tree)
             stats.accepted_tokens += len(path)
-        budget.observe(len(tree), path)
+        budget.observe(k, len(tree), path)
         out = [root]
         finish = None
         for i in path:

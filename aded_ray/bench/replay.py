@@ -94,11 +94,11 @@ class AuthorsDrafter:
     def observe(self, seq) -> None:
         pass  # search() updates the matrix itself
 
-    def draft(self, seq) -> DraftTree:
+    def draft(self, seq, max_nodes: int | None = None) -> DraftTree:
         if len(seq) < 2:  # the Rust code underflows (aborts the process) on shorter input
             return DraftTree()
         paths = self.reader.search([int(t) for t in seq], choices=self.choices)[0]
-        return DraftTree.from_paths([[t for t in p if t >= 0] for p in paths], max_nodes=64)
+        return DraftTree.from_paths([[t for t in p if t >= 0] for p in paths], max_nodes=max_nodes or 64)
 
 
 def result_row(r: dict) -> str:

@@ -39,6 +39,7 @@ class PromptLookupDrafter:
     def observe(self, seq) -> None:
         pass
 
-    def draft(self, seq) -> DraftTree:
-        chain = lookup_chain(np.asarray(seq, np.int32), self.max_ngram, self.min_ngram, self.num_tokens)
+    def draft(self, seq, max_nodes: int | None = None) -> DraftTree:
+        n = self.num_tokens if max_nodes is None else min(self.num_tokens, max_nodes)
+        chain = lookup_chain(np.asarray(seq, np.int32), self.max_ngram, self.min_ngram, n)
         return DraftTree(chain, np.arange(-1, len(chain) - 1, dtype=np.int32))

@@ -242,17 +242,21 @@ class MCTSDrafter:
     def observe(self, seq) -> None:
         self.matrix.update(seq, self.window)
 
-    def draft(self, seq, seed: int | None = None) -> DraftTree:
-        """Draft below root ``seq[-1]``. The same matrix state, ``seq`` and ``seed`` give the same tree;
-        without ``seed`` a per-call seed is derived from the drafter's seed and its call count."""
-        if len(seq) < 1 or self.max_nodes == 0 or self.iterations == 0:
+    def draft(self, seq, max_nodes: int | None = None, seed: int | None = None) -> DraftTree:
+        """Draft at most ``max_nodes`` (default: the drafter's) nodes below root ``seq[-1]``.
+
+        The same matrix state, ``seq`` and ``seed`` give the same tree; without ``seed`` a per-call seed is
+        derived from the drafter's seed and its call count.
+        """
+        max_nodes = self.max_nodes if max_nodes is None else max_nodes
+        if len(seq) < 1 or max_nodes <= 0 or self.iterations == 0:
             return DraftTree()
         if seed is None:
             seed = self.seed * 1_000_003 + self._calls
             self._calls += 1
         a0 = int(seq[-2]) if len(seq) >= 2 else -1
         rows, _ = self.search(a0, int(seq[-1]), seed)
-        return self.tree_from_rows(rows)
+        return self.tree_from_rows(rows, max_nodes)
 
     def search(self, a0: int, r: int, seed: int) -> tuple[list[list[int]], np.ndarray]:
         m = self.matrix
@@ -262,7 +266,7 @@ class MCTSDrafter:
                         self.top_sentences, self.reward == "intended", self.shuffle_children, seed, out, vis)
         return [[int(t) for t in row if t >= 0] for row in out[:n]], vis[:n]
 
-    def tree_from_rows(self, rows: list[list[int]]) -> DraftTree:
+    def tree_from_rows(self, rows: list[list[int]], max_nodes: int) -> DraftTree:
         unique = list(dict.fromkeys(tuple(p) for p in rows if p))
         kept = cut_to_budget([list(p) for p in unique], self.choices)
-        return from_paths(kept, self.max_nodes)
+        return from_paths(kept, max_nodes)

@@ -41,7 +41,7 @@ class TreeVerifier:
             raise ValueError("prefill needs at least one token")
         self.reset()
         x = torch.as_tensor(np.asarray(ids, np.int64), device=self.device)[None]
-        out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=x, cache=self.cache, use_cache=True)
         self.length = len(ids)
         return out.logits[0, -1].float()
 
@@ -62,10 +62,11 @@ class TreeVerifier:
             allow[:, L:] = torch.from_numpy(ancestor_mask(tree.parents, include_root=True))
             mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(~allow, torch.finfo(self.dtype).min)
             kwargs["attention_mask"] = mask.to(self.device)[None, None]
-        out = self.model(input_ids=x, position_ids=position_ids, past_key_values=self.cache, use_cache=True,
+        out = self.model(input_ids=x, position_ids=position_ids, cache=self.cache, use_cache=True,
                          **kwargs)
         return out.logits[0].float()
 
+    @torch.inference_mode()
     def commit(self, keep) -> None:
         """Keep step entries ``keep`` (indices into root + tree, root = 0, in path order) and drop the rest."""
         L = self.length

@@ -1,0 +1,69 @@
+"""One set of typed settings for the CLI, the Serve YAML ``args``, ``user_config`` and the tests.
+
+Bad values fail early with pydantic's ``ValidationError`` (a ``ValueError``) naming the field and value.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from aded_ray.verify.modes import MODES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DraftConfig(_Strict):
+    """The drafter: ADED's MCTS over the tri-gram matrix (defaults = the authors' settings)."""
+
+    method: Literal["mcts", "lookup", "none"] = "mcts"
+    iterations: int = Field(150, ge=0, le=100_000)
+    depth: int = Field(3, ge=1, le=16)
+    c1: float = Field(32.0, gt=0)
+    c2: float = Field(8.0, gt=0)
+    top_sentences: int = Field(24, ge=1, le=1024)
+    choices: int = Field(64, ge=1, le=1024)
+    max_nodes: int = Field(64, ge=0, le=512)
+    reward: Literal["shipped", "intended"] = "shipped"
+    shuffle_children: bool = True
+    window: int = Field(16, ge=3, le=4096)
+    seed: int = 0
+
+    def mcts_kwargs(self) -> dict:
+        return self.model_dump(exclude={"method"})
+
+
+class VerifyConfig(_Strict):
+    """The target model and how it runs."""
+
+    model: str = "smollm2"
+    mode: Literal[("auto",) + MODES] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, le=1024)
+    budget: Literal["auto"] | int = "auto"
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        import torch
+
+        if self.resolved_device() == "cuda":
+            return "fp16"
+        return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
+
+
+class EngineConfig(_Strict):
+    store: str | None = None
+    draft: DraftConfig = DraftConfig()
+    verify: VerifyConfig = VerifyConfig()
+    max_prompt_tokens: int = Field(4096, ge=1)
+    max_new_tokens: int = Field(2048, ge=1)

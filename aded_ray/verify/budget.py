@@ -1,0 +1,151 @@
+"""Cost model and draft budget: how many draft nodes pay on this machine, step by step.
+
+Speculation pays when the expected tokens per step divided by the cost of verifying the tree beats one token
+per plain step. The cost of a k-token pass is a measured curve (ms per forward of k new tokens, cached per
+machine, model and mode). The expected accepted length of a tree truncated to its first b nodes is learnt
+online from what was actually accepted: the tree is breadth-first and truncation keeps its first b nodes, so
+a step that verified B nodes and accepted the path [i1 < i2 < ...] tells what every budget b <= B would have
+accepted (the path entries below b).
+
+Worked example (tests/test_budget.py): cost {1: 34, 8: 40, 64: 133} ms; accepted length at budget 8 = 0.9,
+at 64 = 1.3 -> tokens/ms: plain 1/34 = 0.029, b=7 (8 tokens with the root) 1.9/40 = 0.048, b=63 2.3/133 = 0.017
+-> choose 7.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+GRID = (0, 1, 3, 5, 7, 11, 15, 23, 31, 47, 63)   # draft nodes; a pass verifies nodes + 1 (the root)
+
+
+class CostCurve:
+    """ms per forward pass of k new tokens, interpolated linearly between measured points."""
+
+    def __init__(self, ms_by_k: dict[int, float]):
+        if not ms_by_k or 1 not in ms_by_k:
+            raise ValueError(f"a cost curve needs at least k=1, got {ms_by_k}")
+        self.ks = np.array(sorted(int(k) for k in ms_by_k), float)
+        self.ms = np.array([float(ms_by_k[k]) for k in sorted(ms_by_k, key=int)], float)
+        self.ms = np.maximum.accumulate(self.ms)  # a bigger pass never costs less (measurement noise)
+
+    def __call__(self, k: int) -> float:
+        return float(np.interp(k, self.ks, self.ms))
+
+    def to_dict(self) -> dict[int, float]:
+        return {int(k): float(m) for k, m in zip(self.ks, self.ms)}
+
+
+class AdaptiveBudget:
+    """Chooses the draft budget that maximises expected tokens per millisecond; 0 means a plain step.
+
+    Acceptance estimates are exponential moving averages per grid budget, shared by every request of the
+    process. Budgets above the largest verified so far are explored now and then (every ``explore_every``
+    steps one grid step up), so the estimate follows the drafter as the matrix adapts.
+    """
+
+    def __init__(self, cost: CostCurve, *, max_nodes: int = 63, draft_ms: float = 0.3, decay: float = 0.02,
+                 explore_every: int = 16, prior: float | None = None):
+        self.cost = cost
+        self.grid = [b for b in GRID if b <= max_nodes] or [0]
+        self.draft_ms = draft_ms
+        self.decay = decay
+        self.explore_every = explore_every
+        # optimistic prior: small trees accept ~0.5 tokens, larger ones a little more, until measured
+        self.acc = {b: (0.0 if b == 0 else (prior if prior is not None else 0.4 + 0.1 * np.log2(b + 1)))
+                    for b in self.grid}
+        self.seen = {b: 0 for b in self.grid}
+        self.steps = 0
+        self.last = self.best()
+
+    def expected_rate(self, b: int) -> float:
+        """Expected committed tokens per ms at budget ``b``."""
+        return (1.0 + self.acc[b]) / (self.cost(b + 1) + (self.draft_ms if b else 0.0))
+
+    def best(self) -> int:
+        return max(self.grid, key=self.expected_rate)
+
+    def choose(self) -> int:
+        self.steps += 1
+        b = self.best()
+        if self.explore_every and self.steps % self.explore_every == 0:
+            i = self.grid.index(b)
+            if i + 1 < len(self.grid):
+                b = self.grid[i + 1]
+        self.last = b
+        return b
+
+    def observe(self, budget: int, n_nodes: int, path: list[int]) -> None:
+        """Record a verified step drafted with ``budget``: accepted node indices ``path`` (increasing).
+
+        For every grid budget b <= ``budget`` the same tree truncated to b nodes would have accepted the
+        path entries below b (when the drafter returned fewer than b nodes, the truncation changes nothing).
+        """
+        p = np.asarray(path, np.int64)
+        for b in self.grid:
+            if b == 0 or b > budget:
+                continue
+            got = int(np.sum(p < b))
+            self.acc[b] += self.decay * (got - self.acc[b]) if self.seen[b] else (got - self.acc[b])
+            self.seen[b] += 1
+
+    def snapshot(self) -> dict:
+        return {"best": self.best(), "acc": {b: round(a, 3) for b, a in self.acc.items()},
+                "cost_ms": self.cost.to_dict()}
+
+
+def machine_key() -> str:
+    """CPU model, instruction-set flags and thread count: cost curves are per machine kind."""
+    import torch
+
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name")):
+                flags += line
+    except OSError:
+        flags = platform.processor()
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    raw = f"{flags}|{dev}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def measure_cost_curve(model, ks=(1, 2, 4, 8, 16, 32, 64), cache_len: int = 128, reps: int = 5) -> CostCurve:
+    """Median ms of a k-token tree pass (a chain) over a ``cache_len``-token prefix, for each k."""
+    import torch
+
+    from aded_ray.draft.tree import DraftTree
+    from aded_ray.verify.target import TreeVerifier
+
+    v = TreeVerifier(model)
+    ids = [(1000 + 13 * i) % 30000 for i in range(cache_len)]
+    out = {}
+    with torch.inference_mode():
+        v.prefill(ids)
+        v.forward_tree(5, DraftTree())  # warm-up
+        for k in ks:
+            tree = DraftTree(np.arange(2000, 2000 + k - 1), np.arange(-1, k - 2))
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                v.forward_tree(5, tree)
+                ts.append(time.perf_counter() - t)
+                v.commit([])  # drop the step: the prefix stays cache_len long
+            out[k] = round(1000 * float(np.median(ts)), 2)
+    return CostCurve(out)
+
+
+def cached_cost_curve(model, model_id: str, mode: str, cache_dir: Path, refresh: bool = False) -> CostCurve:
+    """The cost curve for (machine, model, mode) from ``cache_dir``, measured once (~10 s) if missing."""
+    f = Path(cache_dir) / f"cost-{machine_key()}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}-{mode}.json"
+    if f.is_file() and not refresh:
+        return CostCurve({int(k): v for k, v in json.loads(f.read_text())["ms"].items()})
+    curve = measure_cost_curve(model)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({"model": model_id, "mode": mode, "ms": curve.to_dict()}))
+    return curve
