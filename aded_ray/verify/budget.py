@@ -7,9 +7,9 @@ online from what was actually accepted: the tree is breadth-first and truncation
 a step that verified B nodes and accepted the path [i1 < i2 < ...] tells what every budget b <= B would have
 accepted (the path entries below b).
 
-Worked example (tests/test_budget.py): cost {1: 34, 8: 40, 64: 133} ms; accepted length at budget 8 = 0.9,
-at 64 = 1.3 -> tokens/ms: plain 1/34 = 0.029, b=7 (8 tokens with the root) 1.9/40 = 0.048, b=63 2.3/133 = 0.017
--> choose 7.
+Worked example (tests/test_budget.py): cost {1: 34, 8: 40, 64: 133} ms, 0.3 ms to draft; accepted length
+0.3, 0.6, 0.8, 0.9 at budgets 1, 3, 5, 7 and 1.0 above -> committed tokens per ms: plain 1/34 = 0.029,
+b=7 (8 tokens with the root) 1.9/40.3 = 0.047, b=11 2.0/46.9 = 0.043, b=63 2.0/133.3 = 0.015 -> choose 7.
 """
 from __future__ import annotations
 

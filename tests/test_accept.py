@@ -1,0 +1,74 @@
+"""Acceptance rules on literal logits (no model): greedy walk, exact sampling, parameter checks."""
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from aded_ray.draft.tree import DraftTree
+from aded_ray.verify.accept import SamplingParams, accept, greedy_accept, target_probs
+
+
+def logits_for(rows, V=10):
+    """Row i strongly prefers token rows[i] (+100), vLLM-test style."""
+    x = torch.zeros(len(rows), V)
+    for i, t in enumerate(rows):
+        x[i, t] = 100.0
+    return x
+
+
+def test_greedy_worked_example():
+    tree = DraftTree([5, 6, 7], [-1, -1, 1])          # root -> 5 ; root -> 6 -> 7
+    path, bonus = greedy_accept(tree, np.array([6, 9, 7, 2]))
+    assert (path, bonus) == ([1, 2], 2)
+
+
+@pytest.mark.parametrize("rows, path, bonus", [
+    ([3, 0, 0, 0], [], 3),             # the root's choice is not drafted
+    ([5, 8, 0, 0], [0], 8),            # first branch, then a miss
+    ([6, 0, 7, 4], [1, 2], 4),         # the deep branch entirely, plus the bonus
+])
+def test_greedy_table(rows, path, bonus):
+    tree = DraftTree([5, 6, 7], [-1, -1, 1])
+    assert accept(tree, logits_for(rows), SamplingParams()) == (path, bonus)
+
+
+def test_empty_tree_is_plain_decoding():
+    assert accept(DraftTree(), logits_for([4]), SamplingParams()) == ([], 4)
+
+
+def test_sampling_is_exact_at_root_and_at_a_drafted_node():
+    torch.manual_seed(0)
+    V = 6
+    logits = torch.randn(3, V) * 1.5               # rows: root, node 0 (token 2), node 1 (token 3, child of 0)
+    tree = DraftTree([2, 3], [-1, 0])
+    p = SamplingParams(temperature=0.8, seed=1)
+    gen = torch.Generator().manual_seed(1)
+    first, second = np.zeros(V), np.zeros(V)
+    n = 20000
+    for _ in range(n):
+        path, bonus = accept(tree, logits, p, gen)
+        emitted = [int(tree.tokens[i]) for i in path] + [bonus]
+        first[emitted[0]] += 1
+        if emitted[0] == 2:                          # after the drafted token 2 the target's row 1 applies
+            second[emitted[1]] += 1
+    p_root = target_probs(logits[0], p).numpy()
+    p_node = target_probs(logits[1], p).numpy()
+    assert chisquare(first, p_root * n).pvalue > 1e-3
+    assert chisquare(second, p_node * second.sum()).pvalue > 1e-3
+    # the biased best-of-rows rule would over-emit the drafted token; exactness keeps it at p_root[2]
+    assert abs(first[2] / n - p_root[2]) < 0.02
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    pk = target_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert (pk[2:] == 0).all() and pk.sum().item() == pytest.approx(1.0)
+    pp = target_probs(logits, SamplingParams(temperature=1.0, top_p=0.5))
+    assert pp[0].item() == pytest.approx(1.0)       # the top token alone already reaches 0.5 (0.64)
+
+
+@pytest.mark.parametrize("kw", [{"temperature": -1}, {"temperature": float("nan")}, {"top_p": 0},
+                                {"top_p": 1.5}, {"top_k": -2}])
+def test_bad_sampling_params(kw):
+    with pytest.raises(ValueError):
+        SamplingParams(**kw)

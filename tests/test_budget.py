@@ -1,0 +1,46 @@
+"""Cost model and adaptive budget on literal curves (no timing)."""
+import pytest
+
+from aded_ray.verify.budget import AdaptiveBudget, CostCurve
+
+
+def test_worked_example():
+    cost = CostCurve({1: 34, 8: 40, 64: 133})
+    b = AdaptiveBudget(cost, explore_every=0)
+    b.acc.update({0: 0.0, 1: 0.3, 3: 0.6, 5: 0.8, 7: 0.9})
+    b.acc.update({k: 1.0 for k in b.acc if k > 7})
+    assert b.best() == 7
+    assert b.expected_rate(7) == pytest.approx(1.9 / 40.3)
+    assert b.expected_rate(0) == pytest.approx(1 / 34)
+
+
+def test_falls_back_to_plain_when_drafts_do_not_pay():
+    cost = CostCurve({1: 30, 2: 60, 64: 500})        # any multi-token pass costs double
+    b = AdaptiveBudget(cost, explore_every=0)
+    for _ in range(50):
+        b.observe(63, 63, [])                          # nothing is ever accepted
+    assert b.best() == 0
+
+
+def test_learns_budget_from_accepted_paths():
+    cost = CostCurve({1: 30, 4: 31, 16: 33, 64: 120})
+    b = AdaptiveBudget(cost, explore_every=0, decay=0.5)
+    for _ in range(20):
+        b.observe(63, 40, [2, 9, 30])                  # at budget 3: 1 token, 11: 2, 31: 3
+    assert b.acc[3] == pytest.approx(1) and b.acc[11] == pytest.approx(2) and b.acc[31] == pytest.approx(3)
+    assert b.acc[1] == pytest.approx(0)
+    assert b.best() in (11, 15)
+
+
+def test_exploration_steps_up_the_grid():
+    b = AdaptiveBudget(CostCurve({1: 30, 64: 31}), explore_every=2)
+    first = b.choose()
+    second = b.choose()
+    assert b.grid.index(second) == b.grid.index(first) + 1 or first == b.grid[-1]
+
+
+def test_cost_curve_is_monotone_and_needs_k1():
+    c = CostCurve({1: 10, 2: 30, 4: 20})
+    assert c(4) == 30 and c(3) == 30
+    with pytest.raises(ValueError):
+        CostCurve({2: 5})

@@ -1,0 +1,89 @@
+"""The engine end to end on the real model: modes, budgets, stops, limits and bad input."""
+import pytest
+
+from aded_ray.config import DraftConfig, EngineConfig, VerifyConfig
+from aded_ray.engine import Engine
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store") / "s.tri"
+    from aded_ray.draft.matrix import TrigramMatrix
+
+    TrigramMatrix.empty(49152).save(store)
+    return Engine(EngineConfig(store=str(store), verify=VerifyConfig(mode="fp32-packed", budget="auto")))
+
+
+def ids_of(chunks):
+    return [t for c in chunks for t in c.token_ids]
+
+
+def test_packed_mode_is_exact_and_speculation_is_lossless(engine):
+    assert engine.mode == "fp32-packed" and engine.exact and engine.speculate
+    prompt = "Rewrite this sentence in the passive voice: the cat chased the mouse around the house."
+    spec = list(engine.generate(prompt, chat=True, max_new_tokens=48))
+    plain = list(engine.generate(prompt, chat=True, max_new_tokens=48, speculate=False))
+    assert ids_of(spec) == ids_of(plain)
+    assert "".join(c.text for c in spec) == "".join(c.text for c in plain)
+    assert spec[-1].finish_reason in ("stop", "length") and spec[-1].stats.steps <= plain[-1].stats.steps
+    snap = engine.budget.snapshot()
+    assert snap["cost_ms"][1] > 0 and 0 <= snap["best"] <= 63
+
+
+def test_max_new_tokens_and_stop_strings(engine):
+    prompt = "Write a long essay about the history of the ocean."
+    chunks = list(engine.generate(prompt, chat=True, max_new_tokens=30))
+    text = "".join(c.text for c in chunks)
+    assert chunks[-1].finish_reason == "length" and len(ids_of(chunks)) == 30
+    stop = text[20:24]                       # any 4 characters of the answer
+    cut = text.find(stop)
+    stopped = list(engine.generate(prompt, chat=True, max_new_tokens=30, stop=["never appears", stop]))
+    assert "".join(c.text for c in stopped) == text[:cut]
+    assert stopped[-1].finish_reason == "stop"
+
+
+def test_sampling_is_seeded(engine):
+    a = ids_of(engine.generate("Tell me a story.", chat=True, max_new_tokens=16, temperature=0.9, seed=3))
+    b = ids_of(engine.generate("Tell me a story.", chat=True, max_new_tokens=16, temperature=0.9, seed=3))
+    assert a == b
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 10 ** 6}, "max_new_tokens"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+])
+def test_bad_input_raises_value_error_and_engine_keeps_serving(engine, kw, match):
+    with pytest.raises(ValueError, match=match):
+        engine.generate("hi", **kw)
+    assert ids_of(engine.generate("hi", max_new_tokens=2))
+
+
+def test_prompt_limits(engine):
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate("")
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        engine.generate("word " * 5000)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="iterations"):
+        DraftConfig(iterations=-1)
+    with pytest.raises(ValueError, match="mode"):
+        VerifyConfig(mode="int8")
+    with pytest.raises(ValueError, match="unknown_field|extra"):
+        EngineConfig(unknown_field=1)
+
+
+def test_draft_config_defaults_match_the_drafter():
+    import inspect
+
+    from aded_ray.draft.mcts import MCTSDrafter
+
+    sig = inspect.signature(MCTSDrafter.__init__).parameters
+    for k, v in DraftConfig().mcts_kwargs().items():
+        assert sig[k].default == v, k
