@@ -120,6 +120,16 @@ def _generate(a) -> int:
     return 0
 
 
+def _bench(a) -> int:
+    from aded_ray.bench.e2e import markdown, run_bench
+
+    r = run_bench(sets=a.sets, limit=a.limit, max_new_tokens=a.max_new_tokens, store=a.store, mode=a.mode,
+                  out_dir=a.out_dir)
+    print(markdown(r))
+    print(f"written: {a.out_dir}/bench.md, bench.json, bench.png")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="aded", description="ADED speculative decoding: stores, drafts, benchmarks")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -168,6 +178,15 @@ def main(argv=None) -> int:
     g.add_argument("--max-nodes", type=int, default=64)
     g.add_argument("--compare", action="store_true", help="also decode without speculation and compare")
     g.set_defaults(fn=_generate)
+
+    e = sub.add_parser("bench", help="end-to-end decoding speed against plain decoding and prompt lookup")
+    e.add_argument("--sets", nargs="+", default=["mtbench", "humaneval", "grounded"])
+    e.add_argument("--limit", type=int, default=10, help="prompts per set")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--store", default=None)
+    e.add_argument("--mode", default="fp32-packed")
+    e.add_argument("--out-dir", default="results")
+    e.set_defaults(fn=_bench)
 
     a = p.parse_args(argv)
     if getattr(a, "budget", "auto") != "auto":

@@ -17,6 +17,58 @@ import torch
 from aded_ray.draft.tree import DraftTree, ancestor_mask
 
 
+def _growable_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowableLayer(DynamicLayer):
+        """A KV layer that writes into a preallocated buffer grown by doubling, instead of concatenating the
+        whole cache every step; ``keys``/``values`` are views of the filled part."""
+
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)
+            self._n = 0
+            self._kbuf = self._vbuf = None
+
+        def _ensure(self, k, need):
+            if self._kbuf is not None and self._kbuf.shape[-2] >= need:
+                return
+            cap = max(256, 1 << (need - 1).bit_length())
+            shape = (*k.shape[:-2], cap, k.shape[-1])
+            kb, vb = k.new_empty(shape), k.new_empty(shape)
+            if self._n:
+                kb[..., : self._n, :] = self._kbuf[..., : self._n, :]
+                vb[..., : self._n, :] = self._vbuf[..., : self._n, :]
+            self._kbuf, self._vbuf = kb, vb
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            t = key_states.shape[-2]
+            self._ensure(key_states, self._n + t)
+            self._kbuf[..., self._n:self._n + t, :] = key_states
+            self._vbuf[..., self._n:self._n + t, :] = value_states
+            self._n += t
+            self.keys, self.values = self._kbuf[..., : self._n, :], self._vbuf[..., : self._n, :]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self._n if self.is_initialized else 0
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+            if tokens_to_remove == 0 or not self.is_initialized:
+                return
+            self._n -= abs(tokens_to_remove)
+            self.keys, self.values = self._kbuf[..., : self._n, :], self._vbuf[..., : self._n, :]
+
+        def reset(self) -> None:
+            self._n = 0
+            super().reset()
+
+    return GrowableLayer
+
+
 class TreeVerifier:
     """One request's view of a causal LM: its KV cache and the committed length."""
 
@@ -27,11 +79,14 @@ class TreeVerifier:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._cache_cls = DynamicCache
+        self._layer_cls = _growable_layer_class()
         self.cache = None
         self.length = 0
 
     def reset(self) -> None:
         self.cache = self._cache_cls(config=self.model.config)
+        if all(type(layer).__name__ == "DynamicLayer" for layer in self.cache.layers):
+            self.cache.layers = [self._layer_cls() for _ in self.cache.layers]
         self.length = 0
 
     @torch.inference_mode()
