@@ -37,6 +37,7 @@ def _bench_draft(a) -> int:
 
     from aded_ray.bench.replay import TABLE_HEAD, AuthorsDrafter, replay, result_row
     from aded_ray.bench.traces import load_traces
+    from aded_ray.draft.best import BestDrafter
     from aded_ray.draft.lookup import PromptLookupDrafter
     from aded_ray.draft.matrix import TrigramMatrix
     from aded_ray.draft.mcts import MCTSDrafter
@@ -46,23 +47,37 @@ def _bench_draft(a) -> int:
         traces += load_traces(f)[: a.limit]
     store = Path(a.store)
     authors = Path(a.authors_index) if a.authors_index else store.with_suffix(".authors.idx")
-    drafters = []
+    if not a.no_authors and not authors.is_file():
+        print(f"authors' index {authors} not found: build it with `aded build-store ... --authors-out "
+              f"{authors}`, or pass --no-authors", file=sys.stderr)
+        return 2
+    matrix = TrigramMatrix.load(store)
 
-    def ours():
-        m = TrigramMatrix.load(store)
-        d = MCTSDrafter(m, seed=a.seed)
-        d.draft([0, 0])  # compile the numba kernels outside the timed region
-        m.reset_deltas()
+    class Budgeted:
+        """A drafter held to a fixed node budget."""
+
+        def __init__(self, drafter, budget):
+            self.drafter, self.budget = drafter, budget
+
+        def observe(self, seq):
+            self.drafter.observe(seq)
+
+        def draft(self, seq):
+            return self.drafter.draft(seq, self.budget)
+
+    def warm(d):
+        d.observe([0, 1, 0, 1])  # compile the numba kernels outside the timed region
+        d.draft([0, 1, 0, 1])
+        matrix.reset_deltas()
+        getattr(getattr(d, "drafter", d), "reset", lambda: None)()
         return d
 
-    drafters.append(("aded_ray (parity)", ours))
+    drafters = [("aded_ray parity (ADED MCTS, budget 64)", lambda: warm(MCTSDrafter(matrix, seed=a.seed)))]
     if not a.no_authors:
-        if not authors.is_file():
-            print(f"authors' index {authors} not found: build it with `aded build-store ... --authors-out "
-                  f"{authors}`, or pass --no-authors", file=sys.stderr)
-            return 2
-        drafters.append(("authors (draftretriever)", lambda: AuthorsDrafter(authors, choices=64)))
-    drafters.append(("prompt lookup", PromptLookupDrafter))
+        drafters.append(("authors' draftretriever (budget 64)", lambda: AuthorsDrafter(authors, choices=64)))
+    drafters.append(("prompt lookup (3..1-gram, 10 tokens)", PromptLookupDrafter))
+    for b in a.budgets:
+        drafters.append((f"aded_ray best (<= {b} nodes)", lambda b=b: warm(Budgeted(BestDrafter(matrix), b))))
     results = []
     for name, make in drafters:
         d = make()
@@ -161,6 +176,7 @@ def main(argv=None) -> int:
     d.add_argument("--no-authors", action="store_true", help="skip the authors' drafter")
     d.add_argument("--limit", type=int, default=None, help="traces per file")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--budgets", type=int, nargs="*", default=[30, 16, 8], help="node budgets for the best mode")
     d.add_argument("--json", action="store_true", help="one JSON object (keys mat, nodes_per_step, draft_us_p50, ...)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=_bench_draft)

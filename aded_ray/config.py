@@ -16,9 +16,11 @@ class _Strict(BaseModel):
 
 
 class DraftConfig(_Strict):
-    """The drafter: ADED's MCTS over the tri-gram matrix (defaults = the authors' settings)."""
+    """The drafter. ``best``: aded_ray's probability-ranked tree (request + history suffix matching + the
+    adaptive tri-gram matrix); ``aded``: the authors' MCTS (its settings below are the authors' defaults);
+    ``lookup``: prompt lookup; ``none``: plain decoding."""
 
-    method: Literal["mcts", "lookup", "none"] = "mcts"
+    method: Literal["best", "aded", "lookup", "none"] = "best"
     iterations: int = Field(150, ge=0, le=100_000)
     depth: int = Field(3, ge=1, le=16)
     c1: float = Field(32.0, gt=0)
@@ -31,8 +33,10 @@ class DraftConfig(_Strict):
     window: int = Field(16, ge=3, le=4096)
     seed: int = 0
 
+    history_tokens: int = Field(262_144, ge=0, le=1 << 26)
+
     def mcts_kwargs(self) -> dict:
-        return self.model_dump(exclude={"method"})
+        return self.model_dump(exclude={"method", "history_tokens"})
 
 
 class VerifyConfig(_Strict):

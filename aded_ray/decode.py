@@ -14,7 +14,7 @@
 
 The drafter, the verifier and the budget are duck-typed: ``drafter.observe(seq)``,
 ``drafter.draft(seq, max_nodes) -> DraftTree``; ``verifier.prefill/forward_tree/commit/length``;
-``budget.choose() -> int`` and ``budget.observe(budget, n_nodes, path)``.
+``budget.choose() -> int`` and ``budget.observe(budget, n_nodes, ranks of the accepted path)``.
 """
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ def generate_ids(verifier, drafter, prompt_ids, *, max_new_tokens: int, sampling
             stats.drafts += 1
             stats.draft_tokens += len(tree)
             stats.accepted_tokens += len(path)
-        budget.observe(k, len(tree), path)
+        ranks = tree.ranks()
+        budget.observe(k, len(tree), [int(ranks[i]) for i in path])
         out = [root]
         finish = None
         for i in path:

@@ -90,10 +90,20 @@ class Engine:
             from aded_ray.draft.lookup import PromptLookupDrafter
 
             return PromptLookupDrafter(num_tokens=max(1, d.max_nodes))
-        from aded_ray.draft.mcts import MCTSDrafter
+        if d.method == "best":
+            from aded_ray.draft.best import BestDrafter
 
-        drafter = MCTSDrafter(self.matrix, **d.mcts_kwargs())
-        drafter.draft([0, 0])  # compile the numba kernels now, not in the first request
+            drafter = BestDrafter(self.matrix, history_tokens=d.history_tokens, window=d.window)
+        else:
+            from aded_ray.draft.mcts import MCTSDrafter
+
+            drafter = MCTSDrafter(self.matrix, **d.mcts_kwargs())
+        warm = [0, 1, 0, 1]
+        drafter.observe(warm)  # compile the numba kernels now, not in the first request
+        drafter.draft(warm, 4)
+        self.matrix.reset_deltas()
+        if hasattr(drafter, "reset"):
+            drafter.reset()
         return drafter
 
     # ---- requests -----------------------------------------------------------------------------

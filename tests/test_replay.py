@@ -59,7 +59,7 @@ def test_bench_draft_cli_json(tmp_path, capsys):
     traces = tmp_path / "t.jsonl"
     traces.write_text("\n".join(json.dumps({"prompt_ids": d[:10], "output_ids": d[10:]}) for d in docs))
     assert main(["bench-draft", "--traces", str(traces), "--store", str(tmp_path / "s.tri"),
-                 "--no-authors", "--json"]) == 0
+                 "--no-authors", "--json", "--budgets"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"mat", "nodes_per_step", "draft_us_p50"} <= out.keys()
-    assert out["mat"] > 2.0 and [d["name"] for d in out["drafters"]] == ["aded_ray (parity)", "prompt lookup"]
+    assert out["mat"] > 2.0 and [d["name"] for d in out["drafters"]] == ["aded_ray parity (ADED MCTS, budget 64)", "prompt lookup (3..1-gram, 10 tokens)"]

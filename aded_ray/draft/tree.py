@@ -28,15 +28,33 @@ class DraftTree:
     Attributes:
         tokens: ``[N] int32`` token id of each draft node, breadth-first.
         parents: ``[N] int32`` parent node index, -1 for children of the root.
+        scores: ``[N] float64`` or None: the drafter's estimate that a node is accepted, when it has one
+            (higher first; a node never scores above its parent).
     """
 
     tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     parents: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    scores: np.ndarray | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "tokens", np.ascontiguousarray(self.tokens, dtype=np.int32))
         object.__setattr__(self, "parents", np.ascontiguousarray(self.parents, dtype=np.int32))
+        if self.scores is not None:
+            object.__setattr__(self, "scores", np.ascontiguousarray(self.scores, dtype=np.float64))
+            if self.scores.shape != self.tokens.shape:
+                raise ValueError(f"scores {self.scores.shape} must match tokens {self.tokens.shape}")
         validate(self.tokens, self.parents)
+
+    def ranks(self) -> np.ndarray:
+        """``[N]`` rank of each node in the order the drafter would give up nodes under a smaller budget:
+        by score (stable) when scored, else the breadth-first index (truncation keeps a prefix)."""
+        n = len(self)
+        if self.scores is None:
+            return np.arange(n)
+        order = np.argsort(-self.scores, kind="stable")
+        r = np.empty(n, np.int64)
+        r[order] = np.arange(n)
+        return r
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
