@@ -10,7 +10,8 @@ Sources of next-token candidates for a context C (the request's committed tokens
 Each source gives a probability that a token is the model's next one: the request and history sources
 ``count / total * conf[m]``, where ``conf[m]`` is the measured accuracy of a match of length m (a table:
 one matching token predicts the next ~30% of the time in the request, a 16-token match ~97%); the matrix
-``weight / total weight * matrix_conf`` (the adaptive matrix's top-weight share is itself well calibrated). They are combined as independent evidence:
+``matrix_conf * weight / (total weight + matrix_smooth)``: the weight share is well calibrated, and the
+smoothing keeps a context known from a single adaptive bump from claiming certainty. They are combined as independent evidence:
 ``p = 1 - prod(1 - p_source)``. A node's score is the product of p along its path: the probability that
 verification accepts it. The tree is grown best-first by score, so a budget of B nodes holds the B nodes
 with the highest acceptance probability, which maximises the expected accepted length for that budget
@@ -33,7 +34,8 @@ HISTORY_CONF = (0.0, 0.22, 0.35, 0.45, 0.55, 0.60, 0.65, 0.70, 0.70, 0.70, 0.80,
 DEFAULTS = dict(
     request_conf=REQUEST_CONF,     # request suffix source: p = conf[m] * count / total
     history_conf=HISTORY_CONF,     # history source, likewise
-    matrix_conf=1.0,               # tri-gram matrix source: p = matrix_conf * weight / total weight
+    matrix_conf=1.0,               # tri-gram matrix source: p = matrix_conf * weight / (total weight + smooth)
+    matrix_smooth=0.15,            # keeps a context seen once (one 0.04 bump) from claiming certainty
     branch=8,                      # candidates kept per node
     max_depth=32,
     min_p=0.0,                     # children below this probability are not proposed
@@ -59,7 +61,7 @@ def _candidates(rseq, rn, rprev, rlast, hseq, hn, hprev, hlast, base, ov, prm, t
                 prm_f, prm_i, rconf, hconf, toks, ps, mt, mc, tbuf, wbuf):
     """Candidates for the context ``rseq[:rn] + path``, where ``tail[:n_tail]`` is the end of that context
     and the path starts at ``tail[off_path]``."""
-    mconf = prm_f[0]
+    mconf, msmooth = prm_f[0], prm_f[2]
     max_len, max_occ = prm_i[0], prm_i[1]
     n = 0
     path = tail[off_path:n_tail]
@@ -90,7 +92,7 @@ def _candidates(rseq, rn, rprev, rlast, hseq, hn, hprev, hlast, base, ov, prm, t
         for i in range(kk):
             total += wbuf[i]
         for i in range(kk):
-            n = _add_candidate(toks, ps, n, tbuf[i], mconf * wbuf[i] / total)
+            n = _add_candidate(toks, ps, n, tbuf[i], mconf * wbuf[i] / (total + msmooth))
     return n
 
 
@@ -182,7 +184,7 @@ class BestDrafter:
         self.matrix = matrix
         self.window = window
         self.history_tokens = history_tokens
-        self.prm_f = np.array([p["matrix_conf"], p["min_p"]], np.float64)
+        self.prm_f = np.array([p["matrix_conf"], p["min_p"], p["matrix_smooth"]], np.float64)
         self.rconf = np.asarray(p["request_conf"], np.float64)
         self.hconf = np.asarray(p["history_conf"], np.float64)
         if self.rconf.ndim != 1 or self.hconf.ndim != 1 or not (0 <= self.rconf).all() or not (self.rconf <= 1).all():
