@@ -135,6 +135,85 @@ def _generate(a) -> int:
     return 0
 
 
+def _cost(a) -> int:
+    from aded_ray.verify.budget import measure_cost_curve
+    from aded_ray.verify.modes import ROW_TOLERANCE, load_for_mode, row_independence
+
+    ks = (1, 2, 4, 8, 16, 32, 64)
+    print("| mode | " + " | ".join(f"k={k}" for k in ks) + " | max row diff | exact? |")
+    print("|---" * (len(ks) + 3) + "|")
+    for mode in a.modes:
+        try:
+            m = load_for_mode(a.model, mode)
+        except ValueError as e:
+            print(f"| {mode} | unavailable: {e} |")
+            continue
+        curve = measure_cost_curve(m, ks=ks, reps=a.reps).to_dict()
+        diff, same = row_independence(m)
+        exact = same and diff <= ROW_TOLERANCE
+        print(f"| {mode} | " + " | ".join(f"{curve[k]:.1f}" for k in ks) + f" | {diff:.2g} | {'yes' if exact else 'no'} |",
+              flush=True)
+        del m
+    return 0
+
+
+def _bench_store(a) -> int:
+    from aded_ray.bench.fleet import markdown, run_fleet
+    from aded_ray.bench.traces import load_traces
+
+    server = None
+    url = a.redis_url
+    if not url:
+        from aded_ray.store.server import RedisServer
+
+        server = RedisServer(cache_dir() / "bench-redis")
+        url = server.url
+    step_ms = None
+    curves = sorted((cache_dir() / "cost").glob("cost-*-fp32-packed.json"))
+    if curves:
+        step_ms = json.loads(curves[-1].read_text())["ms"].get("16")
+    try:
+        print("| traces | single process MAT | shared fleet MAT | isolated fleet MAT | shared / single | "
+              "store cost per step (decode thread) |")
+        print("|---|---|---|---|---|---|")
+        for f in a.traces:
+            r = run_fleet(load_traces(f), a.store, processes=a.processes, drafter=a.drafter, url=url)
+            print(markdown(Path(f).stem, r, step_ms), flush=True)
+            if a.json:
+                print(json.dumps(r))
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
+
+
+def _serve(a) -> int:
+    """``serve run`` the config, with a local Redis when ``ADED_REDIS_URL`` is unset."""
+    import os
+    import signal
+    import subprocess
+
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+    server = None
+    if not env.get("ADED_REDIS_URL") and not a.no_redis:
+        from aded_ray.store.server import RedisServer
+
+        server = RedisServer(cache_dir() / "redis", appendonly=True)
+        env["ADED_REDIS_URL"] = server.url
+        print(f"started redis-server for the shared tri-gram store: {server.url}", flush=True)
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", a.config], env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        return proc.wait(60)
+    finally:
+        if server is not None:
+            server.stop()
+
+
 def _bench(a) -> int:
     from aded_ray.bench.e2e import markdown, run_bench
 
@@ -194,6 +273,26 @@ def main(argv=None) -> int:
     g.add_argument("--max-nodes", type=int, default=64)
     g.add_argument("--compare", action="store_true", help="also decode without speculation and compare")
     g.set_defaults(fn=_generate)
+
+    c = sub.add_parser("cost", help="measure ms per forward of k tokens and exactness, for each verify mode")
+    c.add_argument("--modes", nargs="+", default=["fp32", "fp32-packed", "bf16", "bf16-packed"])
+    c.add_argument("--model", default="smollm2")
+    c.add_argument("--reps", type=int, default=7)
+    c.set_defaults(fn=_cost)
+
+    f = sub.add_parser("bench-store", help="trace replay by a fleet: shared Redis store vs isolated vs single")
+    f.add_argument("--traces", required=True, nargs="+")
+    f.add_argument("--store", default=str(default_store()))
+    f.add_argument("--processes", type=int, default=4)
+    f.add_argument("--drafter", choices=("aded", "best"), default="aded")
+    f.add_argument("--redis-url", default=None, help="default: start a local redis-server")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(fn=_bench_store)
+
+    sv = sub.add_parser("serve", help="serve run a Serve config, starting a local Redis if ADED_REDIS_URL is unset")
+    sv.add_argument("config", nargs="?", default="deployments/aded.yaml")
+    sv.add_argument("--no-redis", action="store_true", help="no local Redis (no shared store)")
+    sv.set_defaults(fn=_serve)
 
     e = sub.add_parser("bench", help="end-to-end decoding speed against plain decoding and prompt lookup")
     e.add_argument("--sets", nargs="+", default=["mtbench", "humaneval", "grounded"])

@@ -47,6 +47,9 @@ class VerifyConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, le=1024)
     budget: Literal["auto"] | int = "auto"
+    # ms per forward pass of k new tokens, e.g. {1: 34, 8: 40, 16: 51, 64: 133}; None = measure at start-up
+    # (once per machine, model and mode; cached in $ADED_CACHE_DIR/cost)
+    cost_curve: dict[int, float] | None = None
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -32,7 +32,7 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, *, speculate: bool = True):
         from aded_ray.draft.matrix import TrigramMatrix
         from aded_ray.paths import cache_dir
-        from aded_ray.verify.budget import AdaptiveBudget, cached_cost_curve
+        from aded_ray.verify.budget import CostCurve, cached_cost_curve
         from aded_ray.verify.loading import load_tokenizer, resolve_model
         from aded_ray.verify.modes import ROW_TOLERANCE, load_for_mode, row_independence
 
@@ -53,14 +53,31 @@ class Engine:
         self.speculate = speculate and self.exact and cfg.draft.method != "none" and cfg.draft.max_nodes > 0
         self.matrix = self._load_matrix(cfg.store, TrigramMatrix)
         self.drafter = self._make_drafter() if self.speculate else NoDraft()
-        if not self.speculate:
-            self.budget = FixedBudget(0)
-        elif v.budget == "auto":
-            cost = cached_cost_curve(self.model, str(self.model_path), self.mode, cache_dir() / "cost")
-            self.budget = AdaptiveBudget(cost, max_nodes=cfg.draft.max_nodes)
-        else:
-            self.budget = FixedBudget(min(int(v.budget), cfg.draft.max_nodes))
+        self.cost = None
+        if self.speculate:
+            self.cost = (CostCurve(v.cost_curve) if v.cost_curve else
+                         cached_cost_curve(self.model, str(self.model_path), self.mode, cache_dir() / "cost"))
+        self.max_nodes = cfg.draft.max_nodes
         self._lock = threading.Lock()
+        self.budget = self._make_budget(v.budget)
+
+    def _make_budget(self, budget):
+        from aded_ray.verify.budget import AdaptiveBudget
+
+        if not self.speculate:
+            return FixedBudget(0)
+        if budget == "auto":
+            return AdaptiveBudget(self.cost, max_nodes=self.max_nodes)
+        return FixedBudget(min(int(budget), self.max_nodes))
+
+    def reconfigure(self, *, max_nodes: int | None = None, budget=None) -> None:
+        """Change the draft budget without a restart (takes effect at the next request)."""
+        with self._lock:
+            if max_nodes is not None:
+                self.max_nodes = int(max_nodes)
+            if budget is None:
+                budget = "auto" if not isinstance(self.budget, FixedBudget) else self.budget.k
+            self.budget = self._make_budget(budget)
 
     # ---- construction helpers -----------------------------------------------------------------
     def _eos_ids(self) -> list[int]:

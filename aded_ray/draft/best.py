@@ -57,6 +57,17 @@ def _add_candidate(toks, ps, n, tok, p):
 
 
 @njit(cache=True)
+def _add_matches(toks, ps, n, mt, mc, k, conf):
+    """Add k matched continuations with p = conf * count / total."""
+    total = 0.0
+    for i in range(k):
+        total += mc[i]
+    for i in range(k):
+        n = _add_candidate(toks, ps, n, mt[i], conf * mc[i] / total)
+    return n
+
+
+@njit(cache=True)
 def _candidates(rseq, rn, rprev, rlast, hseq, hn, hprev, hlast, base, ov, prm, tail, n_tail, off_path,
                 prm_f, prm_i, rconf, hconf, toks, ps, mt, mc, tbuf, wbuf):
     """Candidates for the context ``rseq[:rn] + path``, where ``tail[:n_tail]`` is the end of that context
@@ -66,23 +77,11 @@ def _candidates(rseq, rn, rprev, rlast, hseq, hn, hprev, hlast, base, ov, prm, t
     n = 0
     path = tail[off_path:n_tail]
     k, m = match(rseq, rn, rprev, rlast, path, path.shape[0], max_len, max_occ, mt, mc)
-    if k > 0:
-        total = 0.0
-        for i in range(k):
-            total += mc[i]
-        conf = rconf[min(m, rconf.shape[0] - 1)]
-        for i in range(k):
-            n = _add_candidate(toks, ps, n, mt[i], conf * mc[i] / total)
+    n = _add_matches(toks, ps, n, mt, mc, k, rconf[min(m, rconf.shape[0] - 1)])
     if hn > 1:
         # the context is not part of the history: match the context's tail (request end + path)
         k, m = match(hseq, hn, hprev, hlast, tail, n_tail, max_len, max_occ, mt, mc)
-        if k > 0:
-            total = 0.0
-            for i in range(k):
-                total += mc[i]
-            conf = hconf[min(m, hconf.shape[0] - 1)]
-            for i in range(k):
-                n = _add_candidate(toks, ps, n, mt[i], conf * mc[i] / total)
+        n = _add_matches(toks, ps, n, mt, mc, k, hconf[min(m, hconf.shape[0] - 1)])
     # tri-gram matrix on the last two context tokens
     a = tail[n_tail - 2] if n_tail >= 2 else -1
     b = tail[n_tail - 1] if n_tail >= 1 else -1

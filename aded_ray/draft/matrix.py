@@ -41,6 +41,9 @@ class TrigramMatrix:
         self.base = (first, keys, offsets, succ, weight)
         self.prm = np.array([self.vocab_size, increment, cap], np.float64)
         self._new_overlay(bits=12, entries=4096)
+        # Optional sharing hook (duck-typed, e.g. store.redis_store.SharedStore): ``drain()`` applies other
+        # processes' deltas before an update, ``record(keys, successors)`` receives this process's own bumps.
+        self.journal = None
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -144,8 +147,16 @@ class TrigramMatrix:
     def update(self, seq, window: int = ADED_WINDOW) -> None:
         """ADED's adaptive update over the last ``window`` tokens of ``seq`` (committed + root)."""
         seq = np.ascontiguousarray(seq, dtype=np.int32)
+        journal = self.journal
+        if journal is not None:
+            journal.drain()
         self.reserve(max(0, min(len(seq), window) - 2))
         K.adaptive_update(self.ov, self.prm, seq, window)
+        if journal is not None:
+            w = seq[-window:].astype(np.int64)
+            ok = (w[:-2] >= 0) & (w[:-2] < self.vocab_size) & (w[1:-1] >= 0) & (w[1:-1] < self.vocab_size) & \
+                (w[2:] >= 0) & (w[2:] < self.vocab_size)
+            journal.record((w[:-2] * self.vocab_size + w[1:-1])[ok], w[2:][ok].astype(np.int32))
 
     def apply_deltas(self, keys, toks, counts) -> None:
         """Merge deltas ``(context key a*V+b, successor, count)`` from anywhere (another process, Redis)."""

@@ -1,0 +1,1 @@
+"""Ray Serve application: OpenAI-style HTTP and Python handles over the engine."""

@@ -1,0 +1,1 @@
+"""Sharing the adaptive deltas between processes (Redis). Drafting never waits on anything in here."""

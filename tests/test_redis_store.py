@@ -1,0 +1,180 @@
+"""The Redis-shared store against real redis-server processes started by the fixtures."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from aded_ray.draft.matrix import TrigramMatrix
+from aded_ray.store.redis_store import SharedStore, aggregate, pack, unpack
+from aded_ray.store.server import RedisServer
+
+V = 200
+WORKER = Path(__file__).with_name("store_worker.py")
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = RedisServer(tmp_path / "redis")
+    yield s
+    s.stop(kill=True)
+
+
+@pytest.fixture
+def store_file(tmp_path):
+    from aded_ray.draft.build import matrix_from_token_docs
+
+    rng = np.random.default_rng(0)
+    m = matrix_from_token_docs([rng.integers(0, V, 500).tolist()], V, meta={"tokenizer": "test"})
+    m.save(tmp_path / "base.tri")
+    return tmp_path / "base.tri"
+
+
+def wait_until(cond, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def expected_deltas(seq_sets):
+    m = TrigramMatrix.empty(V)
+    for seqs in seq_sets:
+        for seq in seqs:
+            m.update(seq)
+    k, t, c = m.deltas()
+    order = np.lexsort((t, k))
+    return k[order].tolist(), t[order].tolist(), c[order].tolist()
+
+
+def test_pack_roundtrip_and_malformed_batches():
+    k, t, c = np.array([5, 2**40], np.int64), np.array([1, 7], np.int32), np.array([3, 1], np.int64)
+    k2, t2, c2 = unpack(pack(k, t, c))
+    assert k2.tolist() == k.tolist() and t2.tolist() == t.tolist() and c2.tolist() == c.tolist()
+    for bad in (b"", b"\x01" * 7, pack(k, t, c)[:-1], np.array([-1], "<i8").tobytes()):
+        with pytest.raises(ValueError):
+            unpack(bad)
+    ak, at, ac = aggregate(np.array([3, 3, 4]), np.array([1, 1, 1], np.int32), np.array([1, 2, 5]), 10)
+    assert (ak.tolist(), at.tolist(), ac.tolist()) == ([3, 4], [1, 1], [3, 5])
+
+
+def test_three_processes_converge_and_a_fourth_warm_starts(server, store_file, tmp_path):
+    rng = np.random.default_rng(1)
+    sets = [[rng.integers(0, V, int(rng.integers(5, 40))).tolist() for _ in range(30)] for _ in range(3)]
+    procs = []
+    for i, seqs in enumerate(sets):
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(store_file), server.url, "3", json.dumps(seqs),
+                                       str(tmp_path / f"out{i}.json")]))
+    for p in procs:
+        assert p.wait(120) == 0
+    exp = expected_deltas(sets)
+    assert len(exp[0]) > 200
+    for i in range(3):
+        got = json.loads((tmp_path / f"out{i}.json").read_text())
+        assert (got["keys"], got["toks"], got["counts"]) == exp, f"worker {i} did not converge"
+        assert got["stats"]["dropped_entries"] == 0 and got["stats"]["errors"] == 0
+    # a fresh process warm-starts from the merged hash alone
+    fourth = subprocess.run([sys.executable, str(WORKER), str(store_file), server.url, "3", "[]",
+                             str(tmp_path / "out3.json")], timeout=120)
+    assert fourth.returncode == 0
+    got = json.loads((tmp_path / "out3.json").read_text())
+    assert (got["keys"], got["toks"], got["counts"]) == exp
+    # the merged weights are what a single process seeing all traffic would have
+    single = TrigramMatrix.load(store_file)
+    shared = TrigramMatrix.load(store_file)
+    for seqs in sets:
+        for seq in seqs:
+            single.update(seq)
+    shared.apply_deltas(np.array(got["keys"]), np.array(got["toks"]), np.array(got["counts"]))
+    for a in range(0, V, 7):
+        for b in range(0, V, 5):
+            assert single.successors(a, b)[1].tolist() == shared.successors(a, b)[1].tolist()
+
+
+def test_outage_buffers_then_flushes_after_reconnect(tmp_path, store_file):
+    srv = RedisServer(tmp_path / "r1")
+    port = srv.port
+    m = TrigramMatrix.load(store_file)
+    s = SharedStore(m, srv.url, flush_interval_s=0.02, pull_interval_s=0.02, socket_timeout_s=0.2)
+    m.update([1, 2, 3, 4])
+    assert wait_until(lambda: s.stats["flushed_entries"] == 2)
+    srv.stop(kill=True)
+    for i in range(20):                                  # decoding goes on: updates are local
+        m.update([5, 6, 7 + i])
+    assert wait_until(lambda: s.stats["redis_up"] == 0 and s.stats["outages"] == 1)
+    assert m.weight(5, 6, 7) == pytest.approx(0.04)
+    srv2 = RedisServer(tmp_path / "r2", port=port)       # back on the same address, empty (no persistence)
+    try:
+        assert wait_until(lambda: s.stats["redis_up"] == 1 and not s._outbox, timeout=15)
+        r = redis.Redis(port=port)
+        assert r.hlen(s.k_counts) == 20                  # every buffered delta reached Redis
+        assert s.stats["outages"] == 1 and s.stats["dropped_entries"] == 0
+    finally:
+        s.close()
+        srv2.stop(kill=True)
+
+
+def test_buffer_bound_drops_and_counts(tmp_path, store_file):
+    srv = RedisServer(tmp_path / "r")
+    m = TrigramMatrix.load(store_file)
+    s = SharedStore(m, srv.url, max_buffer=10, start=False)
+    srv.stop(kill=True)
+    for i in range(10):
+        m.update([1, 2, 3, 4])                           # 2 entries per update, never flushed
+    assert s.stats["dropped_entries"] == 10 and s._outbox_n == 10
+    s.close(flush=False)
+
+
+def test_append_only_persistence_keeps_the_merged_state(tmp_path, store_file):
+    srv = RedisServer(tmp_path / "aof", appendonly=True)
+    port = srv.port
+    m = TrigramMatrix.load(store_file)
+    s = SharedStore(m, srv.url, start=False)
+    m.update([9, 8, 7, 6, 5])
+    s.flush()
+    s.close()
+    redis.Redis(port=port).bgrewriteaof()
+    time.sleep(0.5)
+    srv.stop()                                           # SIGTERM: AOF is fsynced on shutdown
+    srv = RedisServer(tmp_path / "aof", port=port, appendonly=True)
+    try:
+        fresh = TrigramMatrix.load(store_file)
+        s2 = SharedStore(fresh, srv.url, start=False)
+        s2.drain()
+        assert fresh.weight(9, 8, 7) == pytest.approx(m.weight(9, 8, 7)) and fresh.deltas()[2].sum() == 3
+        s2.close()
+    finally:
+        srv.stop(kill=True)
+
+
+def test_wrong_password_is_a_clear_error(tmp_path, store_file):
+    srv = RedisServer(tmp_path / "pw", password="s3cret")
+    try:
+        with pytest.raises(ValueError, match="credentials"):
+            SharedStore(TrigramMatrix.load(store_file), f"redis://:wrong@127.0.0.1:{srv.port}/0")
+        with pytest.raises(ValueError, match="credentials"):
+            SharedStore(TrigramMatrix.load(store_file), f"redis://127.0.0.1:{srv.port}/0")
+        ok = SharedStore(TrigramMatrix.load(store_file), srv.url, start=False)
+        ok.close()
+    finally:
+        srv.stop(kill=True)
+
+
+def test_hostile_entries_are_rejected_or_bounded(server, store_file):
+    m = TrigramMatrix.load(store_file)
+    s = SharedStore(m, server.url, start=False)
+    r = redis.Redis.from_url(server.url)
+    r.xadd(s.k_log, {"w": b"evil", "d": b"not numbers at all"})
+    r.xadd(s.k_log, {"w": b"evil", "d": pack(np.array([1 * V + 2]), np.array([3], np.int32), np.array([2**30]))})
+    s.pull()
+    s.drain()
+    assert s.stats["bad_batches"] == 1
+    assert m.deltas()[2].max() == s.max_count == 75      # clamped: past 75 bumps the 3.0 cap binds anyway
+    assert m.weight(1, 2, 3) == pytest.approx(3.0)
+    s.close(flush=False)
