@@ -127,6 +127,8 @@ def generate_ids(verifier, drafter, prompt_ids, *, max_new_tokens: int, sampling
             stats.accepted_tokens += len(path)
         ranks = tree.ranks()
         budget.observe(k, len(tree), [int(ranks[i]) for i in path])
+        if hasattr(budget, "observe_cost"):
+            budget.observe_cost(len(tree) + 1, 1000 * (t2 - t1))
         out = [root]
         finish = None
         for i in path:

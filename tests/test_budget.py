@@ -44,3 +44,11 @@ def test_cost_curve_is_monotone_and_needs_k1():
     assert c(4) == 30 and c(3) == 30
     with pytest.raises(ValueError):
         CostCurve({2: 5})
+
+
+def test_cost_curve_follows_measurements():
+    c = CostCurve({1: 40.0, 16: 60.0, 64: 130.0})
+    for _ in range(200):
+        c.observe(1, 30.0)              # the machine got faster than the start-up measurement
+    assert c(1) == pytest.approx(30.0, abs=0.5)
+    assert c(16) == 60.0 and c(64) == 130.0

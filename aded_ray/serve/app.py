@@ -109,8 +109,11 @@ def _value_error(e: Exception) -> APIError:
 
 @serve.deployment(name="ADEDServer", health_check_period_s=10, health_check_timeout_s=30,
                   graceful_shutdown_timeout_s=60)
-@serve.ingress(api)
 class ADEDServer:
+    """One replica. HTTP requests are routed through the FastAPI app ``api`` (validation, OpenAI errors);
+    handle calls arrive at ``__call__`` with a prompt or a request. (Serve forbids ``__call__`` on
+    ``@serve.ingress`` classes, so the FastAPI app is driven here as a plain ASGI app.)"""
+
     def __init__(self, args: dict):
         from aded_ray.engine import Engine
 
@@ -133,6 +136,7 @@ class ADEDServer:
         from aded_ray.serve.metrics import SpecMetrics
 
         self.metrics = SpecMetrics(self.args.served_model_name)
+        api.state.server = self
         log.info("aded_ray replica ready: mode %s, speculation %s, shared store %s", self.engine.mode,
                  self.engine.speculate, "on" if self.store else "off")
 
@@ -277,32 +281,11 @@ class ADEDServer:
         except ValueError as e:
             raise _value_error(e) from e
 
-    # ---- HTTP -----------------------------------------------------------------------------------
-    @api.post("/v1/completions")
-    async def completions(self, req: oa.CompletionRequest):
-        return await self._respond(req)
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, req: oa.ChatCompletionRequest):
-        return await self._respond(req)
-
-    @api.get("/v1/models")
-    async def models(self):
-        return {"object": "list", "data": [{"id": self.args.served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "aded_ray"}]}
-
-    @api.get("/health")
-    async def health(self):
-        return {"status": "ok", "speculation": self.engine.speculate, "mode": self.engine.mode,
-                "redis_up": None if self.store is None else bool(self.store.stats["redis_up"])}
-
     # ---- Python handles -------------------------------------------------------------------------
     async def __call__(self, *args, **kwargs):
-        """HTTP (ASGI) and handle calls both arrive here; handle calls take a prompt or a request."""
-        if len(args) == 3 and isinstance(args[0], dict) and "type" in args[0]:
-            from ray.serve._private.http_util import ASGIAppReplicaWrapper
-
-            return await ASGIAppReplicaWrapper.__call__(self, *args)
+        """HTTP requests (a starlette ``Request``) and handle calls (a prompt or a request) arrive here."""
+        if len(args) == 1 and isinstance(args[0], Request):
+            return await _run_asgi(api, args[0])
         req, plain = self._parse_handle_request(*args, **kwargs)
         if _streaming_call():
             return self._stream_text(req)
@@ -337,6 +320,59 @@ class ADEDServer:
         async for c in self._chunks(prompt, chat=chat, max_tokens=self._limit(req), sampling=req.sampling_kwargs()):
             if c.text:
                 yield c.text
+
+
+@api.post("/v1/completions")
+async def completions(req: oa.CompletionRequest, request: Request):
+    return await request.app.state.server._respond(req)
+
+
+@api.post("/v1/chat/completions")
+async def chat_completions(req: oa.ChatCompletionRequest, request: Request):
+    return await request.app.state.server._respond(req)
+
+
+@api.get("/v1/models")
+async def models(request: Request):
+    name = request.app.state.server.args.served_model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "aded_ray"}]}
+
+
+@api.get("/health")
+async def health(request: Request):
+    s = request.app.state.server
+    return {"status": "ok", "speculation": s.engine.speculate, "mode": s.engine.mode,
+            "redis_up": None if s.store is None else bool(s.store.stats["redis_up"])}
+
+
+async def _run_asgi(app, request: Request):
+    """Drive an ASGI app with a Serve HTTP request; its response is streamed back as it is produced."""
+    from starlette.responses import StreamingResponse as _SR
+
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def send(message):
+        await q.put(message)
+
+    task = asyncio.create_task(app(request.scope, request.receive, send))
+    start = await q.get()
+    headers = {k.decode(): v.decode() for k, v in start.get("headers", []) if k.lower() != b"content-length"}
+
+    async def body():
+        try:
+            while True:
+                msg = await q.get()
+                if msg.get("type") != "http.response.body":
+                    continue
+                if msg.get("body"):
+                    yield msg["body"]
+                if not msg.get("more_body"):
+                    break
+        finally:
+            if not task.done():
+                task.cancel()
+
+    return _SR(body(), status_code=start["status"], headers=headers)
 
 
 def _streaming_call() -> bool:

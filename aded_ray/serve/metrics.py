@@ -18,12 +18,12 @@ class SpecMetrics:
         ms = [0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500]
         self.draft_ms = Histogram("aded_draft_time_ms", "Drafting time per step (ms)", ms, tags)
         self.verify_ms = Histogram("aded_verify_time_ms", "Verification forward time per step (ms)", ms, tags)
-        self.tree = Histogram("aded_tree_size", "Draft nodes per step", [0, 1, 2, 4, 8, 16, 32, 64, 128], tags)
+        self.tree = Histogram("aded_tree_size", "Draft nodes per step", [1, 2, 4, 8, 16, 32, 64, 128], tags)
         self.redis_up = Gauge("aded_store_redis_up", "1 when the shared tri-gram store's Redis answers", tags)
         self.running = Gauge("aded_num_requests_running", "Requests being decoded", tags)
         for m in (self.drafts, self.draft_tokens, self.accepted, self.emitted, self.requests, self.draft_ms,
                   self.verify_ms, self.tree, self.redis_up, self.running):
-            m.set_default_tags(self.tags)
+            m.set_default_tags(dict(self.tags))  # a copy: Serve adds its own tags to the dict
 
     def record_request(self, stats) -> None:
         if stats is None:

@@ -37,6 +37,14 @@ class CostCurve:
     def __call__(self, k: int) -> float:
         return float(np.interp(k, self.ks, self.ms))
 
+    def observe(self, k: int, ms: float, rate: float = 0.05) -> None:
+        """Blend a measured pass of k tokens into the nearest point of the curve (the machine's load and
+        the context length drift; a start-up measurement taken under load must not stick forever)."""
+        i = int(np.argmin(np.abs(np.log(self.ks) - np.log(max(k, 1)))))
+        scaled = ms * self.ms[i] / max(self(k), 1e-9)   # the observation moved to the grid point's k
+        self.ms[i] += rate * (scaled - self.ms[i])
+        self.ms = np.maximum.accumulate(self.ms)
+
     def to_dict(self) -> dict[int, float]:
         return {int(k): float(m) for k, m in zip(self.ks, self.ms)}
 
@@ -93,6 +101,9 @@ class AdaptiveBudget:
             got = int(np.sum(p < b))
             self.acc[b] += self.decay * (got - self.acc[b]) if self.seen[b] else (got - self.acc[b])
             self.seen[b] += 1
+
+    def observe_cost(self, n_tokens: int, ms: float) -> None:
+        self.cost.observe(n_tokens, ms)
 
     def snapshot(self) -> dict:
         return {"best": self.best(), "acc": {b: round(a, 3) for b, a in self.acc.items()},
