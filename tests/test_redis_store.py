@@ -178,3 +178,44 @@ def test_hostile_entries_are_rejected_or_bounded(server, store_file):
     assert m.deltas()[2].max() == s.max_count == 75      # clamped: past 75 bumps the 3.0 cap binds anyway
     assert m.weight(1, 2, 3) == pytest.approx(3.0)
     s.close(flush=False)
+
+
+@pytest.mark.model
+def test_redis_killed_mid_decoding_changes_nothing(tmp_path, model, tokenizer, corpus_matrix):
+    import torch
+
+    from aded_ray.bench.traces import chat_ids
+    from aded_ray.decode import generate_ids
+    from aded_ray.draft.best import BestDrafter
+    from aded_ray.verify.target import TreeVerifier
+
+    ids = chat_ids(tokenizer, [{"role": "user", "content": "Write a Python function that reverses a string."}])
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=60, do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
+    path = tmp_path / "corpus.tri"
+    corpus_matrix.save(path)
+    m = TrigramMatrix.load(path)
+    srv = RedisServer(tmp_path / "r1")
+    port = srv.port
+    s = SharedStore(m, srv.url, flush_interval_s=0.02, pull_interval_s=0.02, socket_timeout_s=0.2)
+    out, srv2 = [], None
+    try:
+        for i, chunk in enumerate(generate_ids(TreeVerifier(model), BestDrafter(m), ids, max_new_tokens=60,
+                                               eos_ids=[tokenizer.eos_token_id])):
+            out += chunk
+            if i == 3:
+                srv.stop(kill=True)                          # Redis dies mid-request
+        assert out == ref[:len(out)] and len(out) == len(ref)
+        assert wait_until(lambda: s.stats["redis_up"] == 0)
+        buffered = s._outbox_n
+        assert buffered > 0
+        srv2 = RedisServer(tmp_path / "r2", port=port)
+        assert wait_until(lambda: not s._outbox and s.stats["redis_up"] == 1, timeout=15)
+        r = redis.Redis(port=port)
+        merged = sum(int(v) for v in r.hgetall(s.k_counts).values())
+        assert merged >= buffered                            # the buffered deltas reached the new server
+    finally:
+        s.close(flush=False)
+        srv.stop(kill=True)
+        if srv2 is not None:
+            srv2.stop(kill=True)

@@ -207,13 +207,13 @@ class ADEDServer:
     def _check_model(self, req) -> None:
         if req.model is not None and req.model != self.args.served_model_name:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves "
-                                f"{self.args.served_model_name!r}", "not_found_error", "model", 404)
+                                f"{self.args.served_model_name!r}", "not_found_error", "model")
 
     def _limit(self, req) -> int:
         n = req.limit(self.args.default_max_tokens) if isinstance(req, oa.ChatCompletionRequest) else req.max_tokens
         if n > self.args.max_new_tokens:
             raise APIError(400, f"max_tokens {n} is more than this server's limit {self.args.max_new_tokens}",
-                           "invalid_request_error", "max_tokens", 400)
+                           "invalid_request_error", "max_tokens")
         return n
 
     def _prompt(self, req):
@@ -393,5 +393,6 @@ def build_app(args: dict | None = None):
     a = AppArgs(**(args or {}))
     opts = dict(num_replicas=a.num_replicas, max_ongoing_requests=a.max_ongoing_requests,
                 max_queued_requests=a.max_queued_requests,
+                backpressure_config={"status_code": 503, "retry_after_s": 1},
                 ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus})
     return ADEDServer.options(**opts).bind(a.model_dump())
