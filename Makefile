@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-stamp
 CACHE := $(or $(ADED_CACHE_DIR),$(HOME)/.cache/aded_ray)
 STORE ?= $(CACHE)/stores/sharegpt.tri
 
-.PHONY: setup redis-server test test-fast store traces bench-draft clean
+.PHONY: setup redis-server test test-fast serve store authors-index traces bench-draft bench bench-store clean
 
 setup: $(STAMP) redis-server
 
@@ -32,17 +32,37 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# The default store: all ShareGPT conversations, plus the authors' index from the same tokens.
+# The service on the embedded defaults: bundled model, default store (built on first use), a local Redis
+# (append-only) unless ADED_REDIS_URL is set; `serve run deployments/aded.yaml` underneath. Ctrl-C stops all.
+serve: setup
+	@test -f $(STORE) || $(MAKE) --no-print-directory store
+	$(VENV)/bin/aded serve deployments/aded.yaml
+
+# The default store: all ShareGPT conversations (~40 s, ~1.3 GiB peak).
 store: setup
 	mkdir -p $(dir $(STORE))
-	$(VENV)/bin/aded build-store --corpus sharegpt --out $(STORE) --authors-out $(STORE:.tri=.authors.idx)
+	$(VENV)/bin/aded build-store --corpus sharegpt --out $(STORE)
+
+# The authors' draftretriever index from the same corpus and tokenizer (for bench-draft only).
+authors-index: setup
+	$(VENV)/bin/aded build-store --corpus sharegpt --out $(CACHE)/stores/.scratch.tri --authors-out $(STORE:.tri=.authors.idx)
 
 traces: setup
 	for p in mtbench humaneval grounded; do $(VENV)/bin/aded record-traces --prompts $$p; done
 
 bench-draft: setup
+	@test -f $(STORE) || $(MAKE) --no-print-directory store
+	@test -f $(STORE:.tri=.authors.idx) || $(MAKE) --no-print-directory authors-index
+	@test -f $(CACHE)/traces/humaneval.jsonl || $(MAKE) --no-print-directory traces
 	$(VENV)/bin/aded bench-draft --store $(STORE) --traces $(CACHE)/traces/mtbench.jsonl
 	$(VENV)/bin/aded bench-draft --store $(STORE) --traces $(CACHE)/traces/humaneval.jsonl
+
+bench-store: setup
+	$(VENV)/bin/aded bench-store --store $(STORE) --traces $(CACHE)/traces/mtbench.jsonl $(CACHE)/traces/humaneval.jsonl
+
+bench: setup
+	@test -f $(STORE) || $(MAKE) --no-print-directory store
+	$(VENV)/bin/aded bench --out-dir results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -203,12 +203,22 @@ def _serve(a) -> int:
         server = RedisServer(cache_dir() / "redis", appendonly=True)
         env["ADED_REDIS_URL"] = server.url
         print(f"started redis-server for the shared tri-gram store: {server.url}", flush=True)
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", a.config], env=env)
+    def default_sigint():  # a shell's `&` makes children ignore SIGINT: serve run must obey it
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", a.config], env=env,
+                            preexec_fn=default_sigint)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        return proc.wait(60)
+        for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            proc.send_signal(sig)  # SIGINT: serve run shuts the application and its local Ray down
+            try:
+                return proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        return 1
     finally:
         if server is not None:
             server.stop()
