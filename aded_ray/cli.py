@@ -224,6 +224,13 @@ def _serve(a) -> int:
             server.stop()
 
 
+def _bench_serve(a) -> int:
+    from aded_ray.bench.http import run
+
+    print(json.dumps(run(prompts=a.prompts, limit=a.limit, max_tokens=a.max_tokens, store=a.store)))
+    return 0
+
+
 def _bench(a) -> int:
     from aded_ray.bench.e2e import markdown, run_bench
 
@@ -303,6 +310,13 @@ def main(argv=None) -> int:
     sv.add_argument("config", nargs="?", default="deployments/aded.yaml")
     sv.add_argument("--no-redis", action="store_true", help="no local Redis (no shared store)")
     sv.set_defaults(fn=_serve)
+
+    bs = sub.add_parser("bench-serve", help="single-stream tokens/s over HTTP vs the in-process engine")
+    bs.add_argument("--prompts", default="mtbench", choices=("mtbench", "humaneval", "grounded"))
+    bs.add_argument("--limit", type=int, default=5)
+    bs.add_argument("--max-tokens", type=int, default=128)
+    bs.add_argument("--store", default=None)
+    bs.set_defaults(fn=_bench_serve)
 
     e = sub.add_parser("bench", help="end-to-end decoding speed against plain decoding and prompt lookup")
     e.add_argument("--sets", nargs="+", default=["mtbench", "humaneval", "grounded"])
