@@ -231,6 +231,13 @@ def _bench_serve(a) -> int:
     return 0
 
 
+def _k8s(a) -> int:
+    from aded_ray.k8s import write
+
+    print(f"written: {write(a.root)}")
+    return 0
+
+
 def _bench(a) -> int:
     from aded_ray.bench.e2e import markdown, run_bench
 
@@ -317,6 +324,10 @@ def main(argv=None) -> int:
     bs.add_argument("--max-tokens", type=int, default=128)
     bs.add_argument("--store", default=None)
     bs.set_defaults(fn=_bench_serve)
+
+    k = sub.add_parser("k8s", help="render k8s/ray-service.aded.yaml from deployments/aded.yaml")
+    k.add_argument("--root", default=".")
+    k.set_defaults(fn=_k8s)
 
     e = sub.add_parser("bench", help="end-to-end decoding speed against plain decoding and prompt lookup")
     e.add_argument("--sets", nargs="+", default=["mtbench", "humaneval", "grounded"])

@@ -38,7 +38,7 @@ class AppArgs(BaseModel):
     served_model_name: str = "smollm2"
     store: str | None = Field(None, description="tri-gram store file; default: the ShareGPT store if built")
     redis_url: str | None = Field(None, description="shared store; default $ADED_REDIS_URL; 'off' disables")
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int | Literal["auto"] = Field(1, description='a number, or "auto" (Serve autoscaling)')
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     tp_size: int = Field(1, ge=1, le=1, description="tensor parallelism (not implemented yet: 1 only)")
