@@ -151,11 +151,20 @@ def measure_cost_curve(model, ks=(1, 2, 4, 8, 16, 32, 64), cache_len: int = 128,
     return CostCurve(out)
 
 
-def cached_cost_curve(model, model_id: str, mode: str, cache_dir: Path, refresh: bool = False) -> CostCurve:
-    """The cost curve for (machine, model, mode) from ``cache_dir``, measured once (~10 s) if missing."""
+def cached_cost_curve(model, model_id: str, mode: str, cache_dir: Path, refresh: bool = False,
+                      tolerance: float = 0.15) -> CostCurve:
+    """The cost curve for (machine, model, mode) from ``cache_dir``, measured once (~5 s) if missing.
+
+    A cached curve is checked at start-up with two quick passes (k=1 and k=8, ~0.5 s); when either is off by
+    more than ``tolerance`` (the cache was measured under load, or the machine changed) the whole curve is
+    measured again and the cache rewritten.
+    """
     f = Path(cache_dir) / f"cost-{machine_key()}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}-{mode}.json"
     if f.is_file() and not refresh:
-        return CostCurve({int(k): v for k, v in json.loads(f.read_text())["ms"].items()})
+        cached = CostCurve({int(k): v for k, v in json.loads(f.read_text())["ms"].items()})
+        probe = measure_cost_curve(model, ks=(1, 8), reps=5).to_dict()
+        if all(abs(probe[k] - cached(k)) <= tolerance * cached(k) for k in probe):
+            return cached
     curve = measure_cost_curve(model)
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps({"model": model_id, "mode": mode, "ms": curve.to_dict()}))
