@@ -142,6 +142,26 @@ def _cost(a) -> int:
     ks = (1, 2, 4, 8, 16, 32, 64)
     print("| mode | " + " | ".join(f"k={k}" for k in ks) + " | max row diff | exact? |")
     print("|---" * (len(ks) + 3) + "|")
+    if a.tp_size > 1:
+        import os
+
+        import ray
+
+        from aded_ray.tp.group import TPGroup
+
+        os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+        ray.init(num_cpus=max(2, a.tp_size), include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
+        group = TPGroup(tp_size=a.tp_size, model=a.model)
+        try:
+            curve = measure_cost_curve(group.verifier, ks=ks, reps=a.reps).to_dict()
+            diff, same = row_independence(group.verifier)
+            print(f"| fp32, tp={a.tp_size} (gloo, 1 thread per rank) | " + " | ".join(f"{curve[k]:.1f}" for k in ks)
+                  + f" | {diff:.2g} | {'yes' if same and diff <= ROW_TOLERANCE else 'no'} |")
+        finally:
+            group.shutdown()
+            ray.shutdown()
+        return 0
     for mode in a.modes:
         try:
             m = load_for_mode(a.model, mode)
@@ -302,6 +322,7 @@ def main(argv=None) -> int:
     c.add_argument("--modes", nargs="+", default=["fp32", "fp32-packed", "bf16", "bf16-packed"])
     c.add_argument("--model", default="smollm2")
     c.add_argument("--reps", type=int, default=7)
+    c.add_argument("--tp-size", type=int, default=1, help="> 1: measure through a DeepSpeed tensor-parallel group")
     c.set_defaults(fn=_cost)
 
     f = sub.add_parser("bench-store", help="trace replay by a fleet: shared Redis store vs isolated vs single")

@@ -47,6 +47,8 @@ class VerifyConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, le=1024)
     budget: Literal["auto"] | int = "auto"
+    tp_size: int = Field(1, ge=1, le=64, description="tensor-parallel ranks (DeepSpeed AutoTP actors) when > 1")
+    step_timeout_s: float = Field(60.0, gt=0, description="a tensor-parallel step longer than this fails")
     # ms per forward pass of k new tokens, e.g. {1: 34, 8: 40, 16: 51, 64: 133}; None = measure at start-up
     # (once per machine, model and mode; cached in $ADED_CACHE_DIR/cost)
     cost_curve: dict[int, float] | None = None
@@ -65,6 +67,8 @@ class VerifyConfig(_Strict):
 
         if self.resolved_device() == "cuda":
             return "fp16"
+        if self.tp_size > 1:
+            return "fp32"  # AutoTP shards nn.Linear; oneDNN packing does not apply to its layers
         return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
 
 

@@ -29,7 +29,8 @@ class Chunk:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, *, speculate: bool = True):
+    def __init__(self, config: EngineConfig | None = None, *, speculate: bool = True,
+                 tp_bundle_offset: int | None = None):
         from aded_ray.draft.matrix import TrigramMatrix
         from aded_ray.paths import cache_dir
         from aded_ray.verify.budget import CostCurve, cached_cost_curve
@@ -43,9 +44,24 @@ class Engine:
         self.device, self.mode = v.resolved_device(), v.resolved_mode()
         self.model_path = resolve_model(v.model)
         self.tokenizer = load_tokenizer(v.model)
-        self.model = load_for_mode(v.model, self.mode, self.device)
+        self.group = None
+        if v.tp_size > 1:
+            if self.mode not in ("fp32", "bf16", "fp16"):
+                raise ValueError(f"mode {self.mode!r} is not available with tp_size {v.tp_size}: use fp32, bf16, fp16")
+            from aded_ray.tp.group import TPGroup
+
+            dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.mode]
+            self.model = None
+            self.group = TPGroup(tp_size=v.tp_size, model=v.model, dtype=dtype, device=self.device,
+                                 step_timeout_s=v.step_timeout_s, bundle_offset=tp_bundle_offset)
+            self.make_verifier = self.group.verifier
+        else:
+            from aded_ray.verify.target import TreeVerifier
+
+            self.model = load_for_mode(v.model, self.mode, self.device)
+            self.make_verifier = lambda: TreeVerifier(self.model)
         self.eos_ids = self._eos_ids()
-        diff, same = row_independence(self.model)
+        diff, same = row_independence(self.make_verifier)
         self.exact = same and diff <= ROW_TOLERANCE
         if speculate and not self.exact:
             log.warning("mode %s is not exact on this machine (k-token pass differs by %.3g from one-by-one): "
@@ -55,8 +71,9 @@ class Engine:
         self.drafter = self._make_drafter() if self.speculate else NoDraft()
         self.cost = None
         if self.speculate:
+            mode_key = self.mode if v.tp_size == 1 else f"{self.mode}-tp{v.tp_size}"
             self.cost = (CostCurve(v.cost_curve) if v.cost_curve else
-                         cached_cost_curve(self.model, str(self.model_path), self.mode, cache_dir() / "cost"))
+                         cached_cost_curve(self.make_verifier, str(self.model_path), mode_key, cache_dir() / "cost"))
         self.max_nodes = cfg.draft.max_nodes
         self._lock = threading.Lock()
         self.budget = self._make_budget(v.budget)
@@ -83,6 +100,13 @@ class Engine:
     def _eos_ids(self) -> list[int]:
         ids = set()
         gc = getattr(self.model, "generation_config", None)
+        if gc is None:
+            from transformers import GenerationConfig
+
+            try:
+                gc = GenerationConfig.from_pretrained(self.model_path)
+            except OSError:
+                gc = None
         for src in (getattr(gc, "eos_token_id", None), self.tokenizer.eos_token_id):
             if isinstance(src, int):
                 ids.add(src)
@@ -123,6 +147,13 @@ class Engine:
             drafter.reset()
         return drafter
 
+    def healthy(self) -> bool:
+        return self.group is None or self.group.healthy()
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            self.group.shutdown()
+
     # ---- requests -----------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict], chat: bool | None = None) -> list[int]:
         """Token ids of a prompt string, or of a chat (a list of messages, or a string with ``chat=True``)."""
@@ -151,8 +182,6 @@ class Engine:
         return self._stream(ids, max_new_tokens, sampling, stops, speculate)
 
     def _stream(self, ids, max_new_tokens, sampling, stops, speculate) -> Iterator[Chunk]:
-        from aded_ray.verify.target import TreeVerifier
-
         stats = GenerationStats()
         hold = max((len(s) for s in stops), default=1) - 1
         with self._lock:
@@ -160,7 +189,7 @@ class Engine:
             budget = self.budget if speculate else FixedBudget(0)
             out_ids: list[int] = []
             sent = 0
-            gen = generate_ids(TreeVerifier(self.model), drafter, ids, max_new_tokens=max_new_tokens,
+            gen = generate_ids(self.make_verifier(), drafter, ids, max_new_tokens=max_new_tokens,
                                sampling=sampling, eos_ids=self.eos_ids, budget=budget, stats=stats)
             try:
                 for new in gen:

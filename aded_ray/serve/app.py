@@ -41,7 +41,9 @@ class AppArgs(BaseModel):
     num_replicas: int | Literal["auto"] = Field(1, description='a number, or "auto" (Serve autoscaling)')
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    tp_size: int = Field(1, ge=1, le=1, description="tensor parallelism (not implemented yet: 1 only)")
+    tp_size: int = Field(1, ge=1, le=64, description="tensor-parallel ranks (DeepSpeed AutoTP actors) per replica")
+    cpus_per_rank: float = Field(0.5, gt=0, description="CPUs reserved per rank actor (CPU tensor parallelism)")
+    step_timeout_s: float = Field(60.0, gt=0, description="a tensor-parallel step longer than this fails")
     mode: str = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
@@ -58,7 +60,8 @@ class AppArgs(BaseModel):
         return EngineConfig(store=self.store, draft=self.draft, max_prompt_tokens=self.max_prompt_tokens,
                             max_new_tokens=self.max_new_tokens,
                             verify=VerifyConfig(model=self.model, mode=self.mode, device=self.device,
-                                                threads=self.threads, budget=self.budget))
+                                                threads=self.threads, budget=self.budget, tp_size=self.tp_size,
+                                                step_timeout_s=self.step_timeout_s))
 
 
 class UserConfig(BaseModel):
@@ -98,6 +101,13 @@ async def _api_error(request: Request, exc: APIError):
                         headers=exc.headers)
 
 
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    log.error("request failed: %s: %s", type(exc).__name__, exc)
+    return JSONResponse(oa.error_body(f"generation failed: {type(exc).__name__}: {exc}"[:500], "server_error",
+                                      None, 500), status_code=500)
+
+
 def _value_error(e: Exception) -> APIError:
     msg = str(e)
     param = next((p for p in ("max_tokens", "temperature", "top_p", "top_k", "prompt", "messages")
@@ -129,7 +139,8 @@ class ADEDServer:
                 import torch
 
                 torch.set_num_threads(threads)
-            return Engine(self.args.engine_config())
+            # with tp_size > 1 the rank actors go into bundles 1..tp of this replica's placement group
+            return Engine(self.args.engine_config(), tp_bundle_offset=1 if self.args.tp_size > 1 else None)
 
         self.engine = self.pool.submit(make_engine).result()
         self.store = None
@@ -158,6 +169,8 @@ class ADEDServer:
     def check_health(self) -> None:
         if self.pool._shutdown:
             raise RuntimeError("generation thread pool is shut down")
+        if not self.engine.healthy():
+            raise RuntimeError(f"tensor-parallel group is broken: {self.engine.group.broken}")
         if self.store is not None:
             self.metrics.redis_up.set(self.store.stats["redis_up"])  # reported, never a health condition
 
@@ -165,6 +178,9 @@ class ADEDServer:
         store = getattr(self, "store", None)
         if store is not None:
             store.close()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
 
     # ---- generation core ------------------------------------------------------------------------
     async def _chunks(self, prompt, *, chat: bool, max_tokens: int, sampling: dict) -> AsyncIterator:
@@ -403,4 +419,11 @@ def build_app(args: dict | None = None):
                 max_queued_requests=a.max_queued_requests,
                 backpressure_config={"status_code": 503, "retry_after_s": 1},
                 ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus})
+    if a.tp_size > 1:
+        # one placement group per replica: bundle 0 for the replica, one bundle per rank actor
+        gpu = a.num_gpus > 0 or a.device == "cuda"
+        rank = {"CPU": a.cpus_per_rank, "GPU": 1} if gpu else {"CPU": a.cpus_per_rank}
+        opts["ray_actor_options"] = {"num_cpus": a.num_cpus, "num_gpus": 0}
+        opts["placement_group_bundles"] = [{"CPU": a.num_cpus}] + [rank] * a.tp_size
+        opts["placement_group_strategy"] = "STRICT_PACK" if gpu else "PACK"
     return ADEDServer.options(**opts).bind(a.model_dump())

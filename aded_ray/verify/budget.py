@@ -127,13 +127,15 @@ def machine_key() -> str:
 
 
 def measure_cost_curve(model, ks=(1, 2, 4, 8, 16, 32, 64), cache_len: int = 128, reps: int = 5) -> CostCurve:
-    """Median ms of a k-token tree pass (a chain) over a ``cache_len``-token prefix, for each k."""
+    """Median ms of a k-token tree pass (a chain) over a ``cache_len``-token prefix, for each k.
+
+    ``model`` is a model or a verifier factory (e.g. a tensor-parallel group's)."""
     import torch
 
     from aded_ray.draft.tree import DraftTree
-    from aded_ray.verify.target import TreeVerifier
+    from aded_ray.verify.modes import verifier_factory
 
-    v = TreeVerifier(model)
+    v = verifier_factory(model)()
     ids = [(1000 + 13 * i) % 30000 for i in range(cache_len)]
     out = {}
     with torch.inference_mode():

@@ -59,15 +59,25 @@ def load_for_mode(model: str | None, mode: str, device: str = "cpu"):
     return pack_linears(lm) if packed else lm
 
 
+def verifier_factory(model_or_factory):
+    """A callable returning a fresh verifier: a model is wrapped in :class:`TreeVerifier`."""
+    if isinstance(model_or_factory, torch.nn.Module):
+        from aded_ray.verify.target import TreeVerifier
+
+        return lambda: TreeVerifier(model_or_factory)
+    return model_or_factory
+
+
 @torch.inference_mode()
 def row_independence(model, n: int = 8, prefix: int = 48) -> tuple[float, bool]:
-    """Max |logit difference| between one n-token pass and the same tokens one by one, and argmax equality."""
-    from aded_ray.draft.tree import DraftTree
-    from aded_ray.verify.target import TreeVerifier
+    """Max |logit difference| between one n-token pass and the same tokens one by one, and argmax equality.
 
+    ``model`` is a model or a verifier factory (e.g. a tensor-parallel group's)."""
     import numpy as np
 
-    v = TreeVerifier(model)
+    from aded_ray.draft.tree import DraftTree
+
+    v = verifier_factory(model)()
     ids = [(1000 + 37 * i) % 40000 for i in range(prefix)]
     toks = [(2000 + 91 * i) % 40000 for i in range(n)]
     v.prefill(ids)
