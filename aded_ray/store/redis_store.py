@@ -200,17 +200,19 @@ class SharedStore:
         next_flush = next_pull = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
+            talked = False  # only a completed round trip proves Redis is up
             try:
                 if now >= next_flush:
                     self.flush()
-                    next_flush = now + self.flush_interval_s
+                    next_flush, talked = now + self.flush_interval_s, True
                 if now >= next_pull:
                     self.pull()
-                    next_pull = now + self.pull_interval_s
-                if self._down_since is not None:
-                    log.warning("Redis shared store is back after %.1f s", time.monotonic() - self._down_since)
-                    self._down_since = None
-                self.stats["redis_up"] = 1
+                    next_pull, talked = now + self.pull_interval_s, True
+                if talked:
+                    if self._down_since is not None:
+                        log.warning("Redis shared store is back after %.1f s", time.monotonic() - self._down_since)
+                        self._down_since = None
+                    self.stats["redis_up"] = 1
             except Exception as e:  # noqa: BLE001 - any failure: stay local, retry later
                 self.stats["errors"] += 1
                 self.stats["redis_up"] = 0
