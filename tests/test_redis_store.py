@@ -219,3 +219,33 @@ def test_redis_killed_mid_decoding_changes_nothing(tmp_path, model, tokenizer, c
         srv.stop(kill=True)
         if srv2 is not None:
             srv2.stop(kill=True)
+
+
+def test_finished_requests_are_shared_as_fleet_history(server, store_file):
+    from aded_ray.draft.best import BestDrafter
+
+    a_m, b_m = TrigramMatrix.load(store_file), TrigramMatrix.load(store_file)
+    a, b = BestDrafter(a_m), BestDrafter(b_m)
+    sa = SharedStore(a_m, server.url, drafter=a, flush_interval_s=0.02, pull_interval_s=0.02)
+    sb = SharedStore(b_m, server.url, drafter=b, flush_interval_s=0.02, pull_interval_s=0.02)
+    try:
+        first = [11, 12, 150, 151, 152, 153, 154, 155]
+        a.observe(first)
+        a.observe([7, 7])                              # a new request: the first joins a's history, shared
+        assert wait_until(lambda: len(sb._hist_in) == 1)
+        b.observe([9, 9, 151, 152])                     # b takes the fleet history in before it drafts
+        assert b.history.n == len(first)
+        assert b.draft([9, 9, 151, 152], 3).token_paths()[0][:3] == [153, 154, 155]
+        late = TrigramMatrix.load(store_file)           # a replica started later warm-starts the history too
+        c = BestDrafter(late)
+        sc = SharedStore(late, server.url, drafter=c, start=False)
+        c.observe([1, 2])
+        assert c.history.n == len(first)
+        sc.close(flush=False)
+        r = redis.Redis.from_url(server.url)
+        r.xadd(sa.k_hist, {"w": b"evil", "t": np.array([10**6], "<i4").tobytes()})   # out-of-vocabulary ids
+        sb.pull()
+        assert sb.stats["bad_batches"] >= 1
+    finally:
+        sa.close()
+        sb.close()

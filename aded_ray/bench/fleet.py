@@ -36,6 +36,16 @@ class _TimedJournal:
         self.seconds += time.perf_counter() - t
         self.calls += 1
 
+    def record_request(self, tokens):
+        t = time.perf_counter()
+        self.store.record_request(tokens)
+        self.seconds += time.perf_counter() - t
+
+    def drain_history(self, drafter):
+        t = time.perf_counter()
+        self.store.drain_history(drafter)
+        self.seconds += time.perf_counter() - t
+
 
 def _worker(args) -> dict:
     import threading
@@ -50,10 +60,12 @@ def _worker(args) -> dict:
     if url:
         from aded_ray.store.redis_store import SharedStore
 
-        shared = SharedStore(m, url, namespace=namespace)
+        shared = SharedStore(m, url, namespace=namespace, drafter=d)
         shared.drain()
         timed = _TimedJournal(shared)
         m.journal = timed
+        if hasattr(d, "journal"):
+            d.journal = timed
     while time.time() < start_at:        # every process starts together
         time.sleep(0.005)
     t0 = time.perf_counter()

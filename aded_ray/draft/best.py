@@ -191,9 +191,14 @@ class BestDrafter:
         self.prm_i = np.array([p["max_len"], p["max_occ"], p["branch"], p["max_depth"]], np.int64)
         self.request = TokenIndex(matrix.vocab_size)
         self.history = TokenIndex(matrix.vocab_size)
+        # Optional sharing hook (duck-typed, e.g. SharedStore): ``record_request(tokens)`` receives this
+        # process's finished requests, ``drain_history(drafter)`` hands over the other processes' ones.
+        self.journal = None
 
     def observe(self, seq) -> None:
         seq = np.asarray(seq, np.int32)
+        if self.journal is not None:
+            self.journal.drain_history(self)
         self.matrix.update(seq, self.window)
         r = self.request
         if r.n <= seq.shape[0] and np.array_equal(r.seq[: r.n], seq[: r.n]):
@@ -208,10 +213,13 @@ class BestDrafter:
         self.request.clear()
         self.history.clear()
 
-    def remember(self, tokens) -> None:
-        """Add a finished request's tokens to the history (cleared when it outgrows its budget)."""
+    def remember(self, tokens, share: bool = True) -> None:
+        """Add a finished request's tokens to the history (cleared when it outgrows its budget); with
+        ``share`` it is also handed to the journal (the fleet's shared history)."""
         if len(tokens) == 0:
             return
+        if share and self.journal is not None:
+            self.journal.record_request(tokens)
         if self.history.n + len(tokens) > self.history_tokens:
             self.history.clear()
         self.history.extend(tokens)

@@ -148,7 +148,8 @@ class ADEDServer:
         if url and url != "off":
             from aded_ray.store.redis_store import SharedStore
 
-            self.store = SharedStore(self.engine.matrix, url, flush_interval_s=self.args.flush_interval_s,
+            self.store = SharedStore(self.engine.matrix, url, drafter=self.engine.drafter,
+                                     flush_interval_s=self.args.flush_interval_s,
                                      pull_interval_s=self.args.flush_interval_s)
         self.capacity = self.args.max_ongoing_requests + self.args.max_queued_requests
         self.inflight = 0

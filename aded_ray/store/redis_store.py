@@ -6,6 +6,8 @@ Layout under one namespace ``aded:{<store id>}`` (a hash tag: both keys live in 
   successor (int32), little-endian. The merged state: what a new process warm-starts from.
 - ``...:log`` a stream of delta batches ``{w: writer id, d: packed arrays}`` (int64 keys, int32 successors,
   int32 counts: numbers only, decoded with numpy, never unpickled or evaluated), trimmed to a bounded length.
+- ``...:hist`` a stream of finished requests' token ids ``{w, t: int32 array}``, trimmed to ``hist_maxlen``:
+  the fleet's shared history, which a drafter with a ``remember`` method (the best-first drafter) matches.
 
 One Lua script (``register_script``: EVALSHA, reloaded on NOSCRIPT) merges a batch atomically: HINCRBY of
 every field, clamped at ``max_count`` (counts past the point where the weight cap binds change nothing), and
@@ -81,7 +83,8 @@ def aggregate(keys, toks, counts, vocab_size: int):
 class SharedStore:
     """Connects one process's :class:`TrigramMatrix` to the fleet's shared deltas in Redis."""
 
-    def __init__(self, matrix, url: str | None = None, *, namespace: str | None = None,
+    def __init__(self, matrix, url: str | None = None, *, drafter=None, namespace: str | None = None,
+                 hist_maxlen: int = 2000, hist_warm: int = 500, max_request_tokens: int = 65536,
                  flush_interval_s: float = 0.2, pull_interval_s: float = 0.2, batch_max: int = 8192,
                  max_buffer: int = 1_000_000, stream_maxlen: int = 100_000, max_fields: int = 20_000_000,
                  socket_timeout_s: float = 0.5, start: bool = True):
@@ -98,7 +101,11 @@ class SharedStore:
         store_id = namespace or f"{matrix.meta.get('tokenizer', 'tok')}-{matrix.meta.get('corpus_id', '')}" \
             f"{matrix.n_contexts}-{matrix.n_entries}-{self.V}"
         self.ns = f"aded:{{{store_id}}}"
-        self.k_counts, self.k_log = f"{self.ns}:counts", f"{self.ns}:log"
+        self.k_counts, self.k_log, self.k_hist = f"{self.ns}:counts", f"{self.ns}:log", f"{self.ns}:hist"
+        self.hist_maxlen, self.hist_warm, self.max_request_tokens = hist_maxlen, hist_warm, max_request_tokens
+        self._hist_out: collections.deque = collections.deque(maxlen=1000)
+        self._hist_in: collections.deque = collections.deque(maxlen=hist_warm + 1000)
+        self.last_hist_id = b"0-0"
         self.writer = uuid.uuid4().hex[:12].encode()
         self.flush_interval_s, self.pull_interval_s = flush_interval_s, pull_interval_s
         self.batch_max, self.max_buffer, self.stream_maxlen = batch_max, max_buffer, stream_maxlen
@@ -121,6 +128,9 @@ class SharedStore:
         self._down_since: float | None = None
         self._connect_and_warm_start()
         matrix.journal = self
+        self.drafter = drafter if hasattr(drafter, "remember") else None
+        if self.drafter is not None:
+            self.drafter.journal = self
         self._thread = threading.Thread(target=self._loop, name="aded-redis-store", daemon=True)
         if start:
             self._thread.start()
@@ -143,6 +153,17 @@ class SharedStore:
         """Apply deltas locally and share them (for deltas that do not come from an adaptive update)."""
         self.matrix.apply_deltas(keys, toks, counts)
         self.record(np.asarray(keys, np.int64), np.asarray(toks, np.int32), counts)
+
+    def record_request(self, tokens) -> None:
+        """A finished request of this process (its tokens), to share as history."""
+        t = np.asarray(tokens, np.int32)[-self.max_request_tokens:]
+        if t.shape[0]:
+            self._hist_out.append(t.copy())
+
+    def drain_history(self, drafter) -> None:
+        """Give the other processes' finished requests to the drafter's history (decode thread)."""
+        while self._hist_in:
+            drafter.remember(self._hist_in.popleft(), share=False)
 
     def drain(self) -> None:
         """Apply the other processes' batches pulled so far (called before each adaptive update)."""
@@ -194,6 +215,11 @@ class SharedStore:
             counts = np.array([c for _, c in good], np.int64)
             self._inbox.append((rec["k"].astype(np.int64), rec["t"].astype(np.int32), counts))
         self.last_id = last[0][0] if last else b"0-0"
+        if not reset:  # warm start: the most recent shared requests become history
+            recent = self.redis.xrevrange(self.k_hist, count=self.hist_warm)
+            for eid, data in reversed(recent):
+                self._queue_history(data)
+            self.last_hist_id = recent[0][0] if recent else b"0-0"
         self.stats["redis_up"] = 1
 
     def _loop(self) -> None:
@@ -223,8 +249,26 @@ class SharedStore:
                 next_flush = next_pull = time.monotonic() + min(1.0, self.flush_interval_s * 4)
             self._stop.wait(min(self.flush_interval_s, self.pull_interval_s) / 2)
 
+    def _queue_history(self, data) -> None:
+        if data.get(b"w") == self.writer:
+            return
+        raw = data.get(b"t", b"")
+        if len(raw) % 4 or len(raw) > 4 * self.max_request_tokens:
+            self.stats["bad_batches"] += 1
+            return
+        t = np.frombuffer(raw, "<i4").astype(np.int32)
+        if t.shape[0] and (t.min() < 0 or t.max() >= self.V):
+            self.stats["bad_batches"] += 1
+            return
+        self._hist_in.append(t)
+
     def flush(self) -> int:
         """Send the outbox in bounded batches; on failure the batch goes back to the outbox's front."""
+        while self._hist_out:
+            t = self._hist_out[0]
+            self.redis.xadd(self.k_hist, {"w": self.writer, "t": t.astype("<i4").tobytes()},
+                            maxlen=self.hist_maxlen, approximate=True)
+            self._hist_out.popleft()
         sent = 0
         while True:
             with self._lock:
@@ -260,6 +304,10 @@ class SharedStore:
     def pull(self) -> int:
         """Read the log after ``last_id``; queue the other writers' batches for the decode thread."""
         got = 0
+        resp = self.redis.xread({self.k_hist: self.last_hist_id}, count=256)
+        for eid, data in (resp[0][1] if resp else []):
+            self.last_hist_id = eid
+            self._queue_history(data)
         if self.last_id != b"0-0":
             first = self.redis.xrange(self.k_log, count=1)
             if first and self._id_lt(self.last_id, first[0][0]) and self.redis.hlen(self.k_counts):
