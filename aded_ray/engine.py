@@ -147,6 +147,11 @@ class Engine:
             drafter.reset()
         return drafter
 
+    @property
+    def busy(self) -> bool:
+        """Whether a generation is running right now (the engine decodes one request at a time)."""
+        return self._lock.locked()
+
     def healthy(self) -> bool:
         return self.group is None or self.group.healthy()
 

@@ -189,3 +189,30 @@ def test_replicas_share_the_redis_store(served):
     assert keys and r.hlen(keys[0]) > 0          # the replicas' adaptive deltas were merged in Redis
     writers = {e[1][b"w"] for e in r.xrange(keys[0].replace(b":counts", b":log"))}
     assert len(writers) == 2                     # both replicas wrote
+
+
+def test_client_disconnect_stops_generation(served):
+    import socket
+
+    host, port = served["base"].rsplit("/", 1)[-1].split(":")
+    body = json.dumps({"messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+                       "max_tokens": 250, "temperature": 1.0, "seed": 1, "stream": True}).encode()
+    s = socket.create_connection((host, int(port)), timeout=60)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    got = b""
+    while b"data: " not in got:                          # generation has started streaming
+        chunk = s.recv(65536)
+        assert chunk, got
+        got += chunk
+    deadline = time.time() + 10
+    while time.time() < deadline:                        # it is running on one of the replicas
+        if any(requests.get(served["base"] + "/health", timeout=10).json()["generating"] for _ in range(4)):
+            break
+    s.close()                                            # the client goes away mid-stream
+    t0 = time.time()
+    quiet = 0
+    while time.time() - t0 < 3 and quiet < 6:          # 250 sampled tokens would take ~7 s to finish
+        quiet = quiet + 1 if not requests.get(served["base"] + "/health", timeout=10).json()["generating"] else 0
+        time.sleep(0.1)
+    assert quiet >= 6, "generation kept running after the client disconnected"

@@ -366,7 +366,8 @@ async def models(request: Request):
 @api.get("/health")
 async def health(request: Request):
     s = request.app.state.server
-    return {"status": "ok", "speculation": s.engine.speculate, "mode": s.engine.mode,
+    return {"status": "ok", "speculation": s.engine.speculate, "mode": s.engine.mode, "running": s.inflight,
+            "generating": s.engine.busy,
             "redis_up": None if s.store is None else bool(s.store.stats["redis_up"])}
 
 
