@@ -6,11 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from aded_ray.paths import cache_dir
-
-
-def default_store() -> Path:
-    return cache_dir() / "stores" / "sharegpt.tri"
+from aded_ray.paths import cache_dir, default_store
 
 
 def _build_store(a) -> int:

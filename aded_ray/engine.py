@@ -115,7 +115,7 @@ class Engine:
         return sorted(ids)
 
     def _load_matrix(self, store, cls):
-        from aded_ray.cli import default_store
+        from aded_ray.paths import default_store
 
         path = Path(store) if store else default_store()
         if path.is_file():

@@ -12,6 +12,11 @@ def cache_dir() -> Path:
     return d
 
 
+def default_store() -> Path:
+    """The default tri-gram store (all of ShareGPT, built by ``make store``)."""
+    return cache_dir() / "stores" / "sharegpt.tri"
+
+
 def package_dir(module: str) -> Path:
     """The folder of an installed package, found without importing it.
 
