@@ -74,6 +74,21 @@ def test_greedy_is_token_identical_to_generate(model, tokenizer, corpus_matrix, 
             assert accepted > 2 * len(references) * 10   # long accepted paths were exercised
 
 
+def test_best_drafter_is_lossless_too(model, tokenizer, corpus_matrix, references):
+    from aded_ray.draft.best import BestDrafter
+
+    eos = [tokenizer.eos_token_id]
+    for name, matrix in stores(tokenizer, corpus_matrix, references).items():
+        if name == "empty":
+            continue
+        matrix.reset_deltas()
+        drafter = BestDrafter(matrix)                    # its history carries over between the prompts
+        for ids, ref in references:
+            out = [t for c in generate_ids(CheckedVerifier(model), drafter, ids, max_new_tokens=NEW, eos_ids=eos)
+                   for t in c]
+            assert out == ref, f"store {name}: best-first drafts changed the output"
+
+
 @torch.inference_mode()
 def test_tree_logits_equal_path_logits(model, tokenizer):
     ids = chat_ids(tokenizer, [{"role": "user", "content": PROMPTS[0]}])
