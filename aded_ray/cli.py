@@ -224,7 +224,10 @@ def _serve(a) -> int:
 
     proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", a.config], env=env,
                             preexec_fn=default_sigint)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def sigterm(*_):
+        raise KeyboardInterrupt  # stop like Ctrl-C: SIGINT to serve run, then the Redis we started
+
+    signal.signal(signal.SIGTERM, sigterm)
     try:
         return proc.wait()
     except KeyboardInterrupt:

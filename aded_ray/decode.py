@@ -14,7 +14,8 @@
 
 The drafter, the verifier and the budget are duck-typed: ``drafter.observe(seq)``,
 ``drafter.draft(seq, max_nodes) -> DraftTree``; ``verifier.prefill/forward_tree/commit/length``;
-``budget.choose() -> int`` and ``budget.observe(budget, n_nodes, ranks of the accepted path)``.
+``budget.choose() -> int``, ``budget.observe(budget, n_nodes, ranks of the accepted path)`` and
+``budget.observe_cost(tokens, ms)``.
 """
 from __future__ import annotations
 
@@ -79,6 +80,9 @@ class FixedBudget:
     def observe(self, budget: int, n_nodes: int, path: list[int]) -> None:
         pass
 
+    def observe_cost(self, n_tokens: int, ms: float) -> None:
+        pass
+
 
 def generate_ids(verifier, drafter, prompt_ids, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
                  eos_ids=(), budget=None, stats: GenerationStats | None = None) -> Iterator[list[int]]:
@@ -127,8 +131,7 @@ def generate_ids(verifier, drafter, prompt_ids, *, max_new_tokens: int, sampling
             stats.accepted_tokens += len(path)
         ranks = tree.ranks()
         budget.observe(k, len(tree), [int(ranks[i]) for i in path])
-        if hasattr(budget, "observe_cost"):
-            budget.observe_cost(len(tree) + 1, 1000 * (t2 - t1))
+        budget.observe_cost(len(tree) + 1, 1000 * (t2 - t1))
         out = [root]
         finish = None
         for i in path:

@@ -12,7 +12,6 @@ pulled ones, µs) and the background thread's CPU time per step.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import time
 
@@ -48,8 +47,6 @@ class _TimedJournal:
 
 
 def _worker(args) -> dict:
-    import threading
-
     from aded_ray.bench.replay import replay
     from aded_ray.draft.matrix import TrigramMatrix
 
@@ -74,11 +71,9 @@ def _worker(args) -> dict:
     out = {"steps": res.steps, "emitted": res.emitted, "nodes": res.nodes, "wall_s": wall,
            "draft_us": float(np.median(res.draft_us)) if res.draft_us else 0.0}
     if shared is not None:
-        bg = [t for t in threading.enumerate() if t.name == "aded-redis-store"]
         out["store_us_per_step"] = 1e6 * timed.seconds / max(res.steps, 1)
         out["store_stats"] = dict(shared.stats)
         shared.close()
-        out["background_alive"] = bool(bg)
     return out
 
 
@@ -134,7 +129,3 @@ def markdown(name: str, r: dict, step_ms: float | None) -> str:
         cost = f"{s['store_us_per_step']:.1f} µs"
     return (f"| {name} | {r['single']['mat']:.3f} | {s.get('mat', float('nan')):.3f} | {r['isolated']['mat']:.3f} | "
             f"{s.get('mat', float('nan')) / r['single']['mat']:.1%} | {cost} |")
-
-
-def dumps(r: dict) -> str:
-    return json.dumps(r)

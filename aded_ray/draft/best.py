@@ -226,12 +226,13 @@ class BestDrafter:
 
     def draft(self, seq, max_nodes: int | None = None) -> DraftTree:
         b = 64 if max_nodes is None else int(max_nodes)
+        if b <= 0:
+            return DraftTree()
         r = self.request
-        if b <= 0 or r.n == 0 or r.n != len(seq):
-            if b > 0 and r.n != len(seq):
-                self.observe(seq)  # draft() without observe(): index the request now
-            if b <= 0 or r.n == 0:
-                return DraftTree()
+        if r.n != len(seq):
+            self.observe(seq)  # draft() without observe(): index the request now
+        if r.n == 0:
+            return DraftTree()
         out_tok = np.empty(b, np.int32)
         out_par = np.empty(b, np.int32)
         out_sc = np.empty(b, np.float64)

@@ -11,12 +11,15 @@ honour (a bool mask is silently wrong with eager attention).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from aded_ray.draft.tree import DraftTree, ancestor_mask
 
 
+@functools.cache
 def _growable_layer_class():
     from transformers.cache_utils import DynamicLayer
 
