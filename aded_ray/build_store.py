@@ -28,8 +28,14 @@ def tokenizer_id(tokenizer) -> str:
 
 def build_store(*, corpus: str, out: str | Path, model: str | None = None, top_k: int = 12,
                 limit: int | None = None, batch: int = 512, authors_out: str | Path | None = None,
-                progress: bool = True) -> dict:
-    """Build a store from ``corpus`` and write it to ``out``; returns a report dict."""
+                distilled: str | Path | None = None, distilled_weight: int = 8, progress: bool = True) -> dict:
+    """Build a store from ``corpus`` and write it to ``out``; returns a report dict.
+
+    ``distilled``: a trace file of the target model's own outputs (``aded distill``); each output is counted
+    ``distilled_weight`` times, as the token ids the model emitted (its own tokenization, which can differ
+    from the tokenizer's encoding of the same text), together with the last two prompt tokens (the
+    assistant header) so the opening of an answer is learned too.
+    """
     from aded_ray.verify.loading import load_tokenizer
 
     t0 = time.perf_counter()
@@ -62,13 +68,29 @@ def build_store(*, corpus: str, out: str | Path, model: str | None = None, top_k
     if pending:
         flush()
     bar.close()
+    n_distilled = 0
+    if distilled is not None:
+        from aded_ray.bench.traces import load_traces
+
+        if int(distilled_weight) < 1:
+            raise ValueError(f"distilled_weight = {distilled_weight} must be >= 1")
+        for tr in load_traces(distilled):
+            ids = list(tr["prompt_ids"][-2:]) + list(tr["output_ids"])
+            counter.add(ids, int(distilled_weight))
+            if writer is not None and len(ids) >= 3:
+                for _ in range(int(distilled_weight)):
+                    writer.add_entry(ids)
+            n_distilled += len(tr["output_ids"])
     if writer is not None:
         writer.finalize()
     meta = {"corpus": str(corpus), "tokenizer": tokenizer_id(tok), "model": str(model or "smollm2")}
+    if distilled is not None:
+        meta.update(distilled=str(distilled), distilled_weight=int(distilled_weight), distilled_tokens=n_distilled)
     matrix = counter.matrix(top_k, meta)
     size = matrix.save(out)
     report = {
         "out": str(out), "corpus": str(corpus), "documents": counter.documents, "tokens": counter.tokens,
+        "distilled_tokens": n_distilled,
         "contexts": matrix.n_contexts, "entries": matrix.n_entries, "file_bytes": size,
         "build_s": round(time.perf_counter() - t0, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -14,7 +14,8 @@ def _build_store(a) -> int:
 
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     rep = build_store(corpus=a.corpus, out=a.out, model=a.model, top_k=a.top_k, limit=a.limit,
-                      authors_out=a.authors_out, progress=not a.quiet)
+                      authors_out=a.authors_out, distilled=a.distilled, distilled_weight=a.distilled_weight,
+                      progress=not a.quiet)
     print(json.dumps(rep) if a.json else "\n".join(f"{k:>20}: {v}" for k, v in rep.items()))
     return 0
 
@@ -79,6 +80,19 @@ def _bench_draft(a) -> int:
         d = make()
         with tqdm(total=len(traces), desc=name, unit="trace", disable=a.json or a.quiet, file=sys.stderr) as bar:
             results.append(replay(traces, d, name, progress=bar).summary())
+    if a.model_loop:
+        from aded_ray.bench.model_replay import model_replay
+        from aded_ray.verify.loading import load_tokenizer
+        from aded_ray.verify.modes import load_for_mode
+
+        model = load_for_mode(None, a.model_loop_mode)
+        eos = [load_tokenizer(None).eos_token_id]
+        for b in a.budgets:
+            name = f"aded_ray best (<= {b} nodes), model verifies ({a.model_loop_mode})"
+            d = warm(BestDrafter(matrix))
+            with tqdm(total=len(traces), desc=name, unit="trace", disable=a.json or a.quiet, file=sys.stderr) as bar:
+                res, same = model_replay(traces, d, model, b, name, eos_ids=eos, progress=bar)
+            results.append({**res.summary(), "identical_to_traces": same})
     if a.json:
         main = dict(results[0])
         main["drafters"] = results
@@ -278,6 +292,8 @@ def main(argv=None) -> int:
     b.add_argument("--top-k", type=int, default=12, help="successors kept per context")
     b.add_argument("--limit", type=int, default=None, help="only the first N documents")
     b.add_argument("--authors-out", default=None, help="also write the authors' draftretriever index here")
+    b.add_argument("--distilled", default=None, help="also count the model's own outputs (a trace file, `aded distill`)")
+    b.add_argument("--distilled-weight", type=int, default=8, help="times each distilled output is counted")
     b.add_argument("--json", action="store_true")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=_build_store)
@@ -298,6 +314,9 @@ def main(argv=None) -> int:
     d.add_argument("--no-authors", action="store_true", help="skip the authors' drafter")
     d.add_argument("--limit", type=int, default=None, help="traces per file")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--model-loop", action="store_true",
+                   help="also run the best drafter with the model verifying its trees (recycled logits; slow)")
+    d.add_argument("--model-loop-mode", default="fp32-packed", help="exact verify mode for --model-loop")
     d.add_argument("--budgets", type=int, nargs="*", default=[30, 16, 8], help="node budgets for the best mode")
     d.add_argument("--json", action="store_true", help="one JSON object (keys mat, nodes_per_step, draft_us_p50, ...)")
     d.add_argument("--quiet", action="store_true")

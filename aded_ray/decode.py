@@ -9,11 +9,13 @@
         tree = drafter.draft(committed, k)          # 3. draft tree below root            [CPU, µs]
         logits = verifier.forward_tree(root, tree)  # 4. one forward over root + tree     [model, ms]
         path, bonus = accept(tree, logits)          # 5. longest agreeing path; the bonus token
+        drafter.observe_logits(top-k of logits)     #    the model's predictions at every node, recycled
         verifier.commit([root] + path)              # 6. KV keeps root + accepted nodes only
         commit path; root = bonus
 
 The drafter, the verifier and the budget are duck-typed: ``drafter.observe(seq)``,
-``drafter.draft(seq, max_nodes) -> DraftTree``; ``verifier.prefill/forward_tree/commit/length``;
+``drafter.draft(seq, max_nodes) -> DraftTree``, optionally ``drafter.observe_logits(prev, inputs, top_ids,
+top_p)``; ``verifier.prefill/forward_tree/commit/length``;
 ``budget.choose() -> int``, ``budget.observe(budget, n_nodes, ranks of the accepted path)`` and
 ``budget.observe_cost(tokens, ms)``.
 """
@@ -28,6 +30,20 @@ import torch
 
 from aded_ray.draft.tree import DraftTree
 from aded_ray.verify.accept import SamplingParams, accept, sample_token
+
+
+RECYCLE_K = 8
+
+
+def recycle_predictions(observe_logits, before_root: int, root: int, tree: DraftTree, logits: torch.Tensor) -> None:
+    """Hand the model's top-k next tokens at the root and at every node (row i of ``logits`` is the root
+    for i = 0, node i - 1 after) to the drafter, keyed by each position's last two tokens."""
+    lg = logits.float()
+    top, ids = lg.topk(RECYCLE_K, dim=-1)
+    probs = torch.exp(top - torch.logsumexp(lg, dim=-1, keepdim=True))
+    toks = np.r_[root, tree.tokens].astype(np.int64)
+    prev = np.r_[before_root, np.where(tree.parents < 0, root, tree.tokens[np.maximum(tree.parents, 0)])]
+    observe_logits(prev, toks, ids.numpy(), probs.numpy())
 
 
 @dataclass
@@ -97,11 +113,15 @@ def generate_ids(verifier, drafter, prompt_ids, *, max_new_tokens: int, sampling
     gen = None
     if not sampling.greedy and sampling.seed is not None:
         gen = torch.Generator().manual_seed(sampling.seed)
+    recycle = getattr(drafter, "observe_logits", None)
     committed = [int(t) for t in prompt_ids]
     stats.prompt_tokens = len(committed)
     t0 = time.perf_counter()
     logits = verifier.prefill(committed)
     stats.prefill_s = time.perf_counter() - t0
+    if recycle is not None and len(committed) > 0:
+        recycle_predictions(recycle, committed[-2] if len(committed) > 1 else -1, committed[-1], DraftTree(),
+                            logits[None])
     root = int(logits.argmax()) if sampling.greedy else sample_token(logits, sampling, gen)
     produced = 0
     while True:
@@ -122,7 +142,9 @@ def generate_ids(verifier, drafter, prompt_ids, *, max_new_tokens: int, sampling
         path, bonus = accept(tree, logits, sampling, gen)
         verifier.commit([0] + [i + 1 for i in path])
         t2 = time.perf_counter()
-        stats.draft_s += t1 - t0
+        if recycle is not None:
+            recycle_predictions(recycle, committed[-2] if len(committed) > 1 else -1, root, tree, logits)
+        stats.draft_s += t1 - t0 + time.perf_counter() - t2
         stats.verify_s += t2 - t1
         stats.steps += 1
         if len(tree):

@@ -67,7 +67,7 @@ def test_history_carries_across_requests():
 
 def test_bfs_reorder_and_ranks():
     # insertion order: 0:(a, root) 1:(b, child of 0) 2:(c, root) 3:(d, child of 1)
-    t = _bfs(np.array([10, 11, 12, 13], np.int32), np.array([-1, 0, -1, 1], np.int32), np.array([.9, .8, .5, .4]))
+    t, _ = _bfs(np.array([10, 11, 12, 13], np.int32), np.array([-1, 0, -1, 1], np.int32), np.array([.9, .8, .5, .4]))
     assert t.tokens.tolist() == [10, 12, 11, 13] and t.parents.tolist() == [-1, -1, 0, 2]
     assert t.ranks().tolist() == [0, 2, 1, 3]          # budget b keeps the nodes of rank < b
 

@@ -1,28 +1,32 @@
-"""aded_ray's own drafter: a probability-ranked draft tree from three sources, beyond ADED.
+"""aded_ray's own drafter: a probability-ranked draft tree from several sources, beyond ADED.
 
 Sources of next-token candidates for a context C (the request's committed tokens + root + the tree path):
 
 - **request**: the longest earlier match of C's suffix inside the request itself (prompt and output so far,
   the whole request, not a 16-token window), and the tokens that followed it;
-- **history**: the same over the recent past requests of this process (what the model said before);
-- **matrix**: ADED's tri-gram matrix (corpus + adaptive deltas) at C's last two tokens.
+- **history**: the same over the recent past requests of this process (and of the fleet, via the store);
+- **matrix**: ADED's tri-gram matrix (corpus + adaptive deltas) at C's last two tokens;
+- **recycle**: the model's own top-k after C's last two tokens (else its last token), recorded from the
+  logits of earlier verification passes (:mod:`aded_ray.draft.recycle`).
 
-Each source gives a probability that a token is the model's next one: the request and history sources
-``count / total * conf[m]``, where ``conf[m]`` is the measured accuracy of a match of length m (a table:
-one matching token predicts the next ~30% of the time in the request, a 16-token match ~97%); the matrix
-``matrix_conf * weight / (total weight + matrix_smooth)``: the weight share is well calibrated, and the
-smoothing keeps a context known from a single adaptive bump from claiming certainty. They are combined as independent evidence:
-``p = 1 - prod(1 - p_source)``. A node's score is the product of p along its path: the probability that
-verification accepts it. The tree is grown best-first by score, so a budget of B nodes holds the B nodes
-with the highest acceptance probability, which maximises the expected accepted length for that budget
-(depth and breadth follow the evidence instead of fixed shapes). Miss on every source -> empty draft.
+Each source gives a probability that a token is the model's next one: request and history
+``conf[m] * count / total`` (``conf[m]``: measured accuracy of a match of length m), the matrix
+``matrix_conf * weight / (total weight + matrix_smooth)``, recycle ``conf * model probability``. A
+logistic model over that evidence (:mod:`aded_ray.draft.combine`), learned online from what verification
+accepts, turns it into one acceptance probability per candidate; it starts as the noisy-OR
+``1 - prod(1 - p_s)``. A node's score is the product along its path: the probability that verification
+accepts it. The tree is grown best-first by score, so a budget of B nodes holds the B nodes with the highest
+acceptance probability, which maximises the expected accepted length for that budget (depth and breadth
+follow the evidence instead of fixed shapes). Miss on every source -> empty draft.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
+from aded_ray.draft import combine as C
 from aded_ray.draft import kernels as K
+from aded_ray.draft import recycle as R
 from aded_ray.draft.suffix import TokenIndex, match
 from aded_ray.draft.tree import DraftTree
 
@@ -36,53 +40,68 @@ DEFAULTS = dict(
     history_conf=HISTORY_CONF,     # history source, likewise
     matrix_conf=1.0,               # tri-gram matrix source: p = matrix_conf * weight / (total weight + smooth)
     matrix_smooth=0.15,            # keeps a context seen once (one 0.04 bump) from claiming certainty
+    recycle_conf=(1.0, 0.4),       # recycle source: p = conf * model probability (pair matched, last token only)
+    recycle_k=8,                   # model predictions kept per context
     branch=8,                      # candidates kept per node
     max_depth=32,
     min_p=0.0,                     # children below this probability are not proposed
     max_len=16, max_occ=256,       # suffix matching: longest match considered, occurrences scanned
+    weights=None,                  # initial weights of the combiner (None: the noisy-OR prior)
+    learn_rate=0.05,               # combiner learning rate (0: never learn)
 )
+
+S_REQ, S_HIST, S_MAT, S_PAIR, S_LAST = range(C.N_SRC)
+MAX_CAND = 64
 
 
 @njit(cache=True)
-def _add_candidate(toks, ps, n, tok, p):
+def _add(toks, cp, n, tok, s, p):
+    """Add evidence ``p`` from source ``s`` for ``tok``; returns the new candidate count."""
     for i in range(n):
         if toks[i] == tok:
-            ps[i] = 1.0 - (1.0 - ps[i]) * (1.0 - p)
+            cp[i, s] = 1.0 - (1.0 - cp[i, s]) * (1.0 - p)
             return n
     if n < toks.shape[0]:
         toks[n] = tok
-        ps[n] = p
+        cp[n, :] = 0.0
+        cp[n, s] = p
         n += 1
     return n
 
 
 @njit(cache=True)
-def _add_matches(toks, ps, n, mt, mc, k, conf):
+def _add_matches(toks, cp, n, mt, mc, k, conf, s):
     """Add k matched continuations with p = conf * count / total."""
     total = 0.0
     for i in range(k):
         total += mc[i]
     for i in range(k):
-        n = _add_candidate(toks, ps, n, mt[i], conf * mc[i] / total)
+        n = _add(toks, cp, n, mt[i], s, conf * mc[i] / total)
     return n
 
 
 @njit(cache=True)
-def _candidates(rseq, rn, rprev, rlast, hseq, hn, hprev, hlast, base, ov, prm, tail, n_tail, off_path,
-                prm_f, prm_i, rconf, hconf, toks, ps, mt, mc, tbuf, wbuf):
-    """Candidates for the context ``rseq[:rn] + path``, where ``tail[:n_tail]`` is the end of that context
-    and the path starts at ``tail[off_path]``."""
-    mconf, msmooth = prm_f[0], prm_f[2]
+def _candidates(rix, hix, mat, rec, tail, n_tail, off_path, prm_f, prm_i, rconf, hconf, toks, cp, mlen, bufs):
+    """Candidates for the context ``request + path``, where ``tail[:n_tail]`` is the end of that context
+    and the path starts at ``tail[off_path]``. Writes tokens, per-source probabilities and the two match
+    lengths (``mlen``); returns the candidate count."""
+    rseq, rn, rprev, rlast = rix
+    hseq, hn, hprev, hlast = hix
+    base, ov, prm = mat
+    rkeys, rids, rprobs, n_tok, slot_bits = rec
+    mt, mc, tbuf, wbuf = bufs
     max_len, max_occ = prm_i[0], prm_i[1]
     n = 0
     path = tail[off_path:n_tail]
     k, m = match(rseq, rn, rprev, rlast, path, path.shape[0], max_len, max_occ, mt, mc)
-    n = _add_matches(toks, ps, n, mt, mc, k, rconf[min(m, rconf.shape[0] - 1)])
+    n = _add_matches(toks, cp, n, mt, mc, k, rconf[min(m, rconf.shape[0] - 1)], S_REQ)
+    mlen[0] = m
+    mlen[1] = 0
     if hn > 1:
         # the context is not part of the history: match the context's tail (request end + path)
         k, m = match(hseq, hn, hprev, hlast, tail, n_tail, max_len, max_occ, mt, mc)
-        n = _add_matches(toks, ps, n, mt, mc, k, hconf[min(m, hconf.shape[0] - 1)])
-    # tri-gram matrix on the last two context tokens
+        n = _add_matches(toks, cp, n, mt, mc, k, hconf[min(m, hconf.shape[0] - 1)], S_HIST)
+        mlen[1] = m
     a = tail[n_tail - 2] if n_tail >= 2 else -1
     b = tail[n_tail - 1] if n_tail >= 1 else -1
     kk = K.successors(base, ov, prm, a, b, tbuf, wbuf)
@@ -91,14 +110,23 @@ def _candidates(rseq, rn, rprev, rlast, hseq, hn, hprev, hlast, base, ov, prm, t
         for i in range(kk):
             total += wbuf[i]
         for i in range(kk):
-            n = _add_candidate(toks, ps, n, tbuf[i], mconf * wbuf[i] / (total + msmooth))
+            n = _add(toks, cp, n, tbuf[i], S_MAT, prm_f[0] * wbuf[i] / (total + prm_f[2]))
+    row, exact = R.lookup(rkeys, n_tok, slot_bits, a, b)
+    if row >= 0:
+        s, conf = (S_PAIR, prm_f[3]) if exact else (S_LAST, prm_f[4])
+        for j in range(rids.shape[1]):
+            if rprobs[row, j] <= 0.0:
+                break
+            n = _add(toks, cp, n, rids[row, j], s, conf * rprobs[row, j])
     return n
 
 
 @njit(cache=True)
-def best_first_tree(rseq, rn, rprev, rlast, hseq, hn, hprev, hlast, base, ov, prm, prm_f, prm_i, rconf, hconf,
-                    max_nodes, out_tok, out_par, out_score):
-    """Grow the tree best-first; returns the number of nodes (in insertion order, parents before children)."""
+def best_first_tree(rix, hix, mat, rec, prm_f, prm_i, rconf, hconf, w, max_nodes, out_tok, out_par, out_score,
+                    out_feat):
+    """Grow the tree best-first; returns the number of nodes (in insertion order, parents before children).
+    ``out_feat[i]`` holds node i's combiner features (for learning once verification has judged it)."""
+    rseq, rn = rix[0], rix[1]
     max_len, branch, max_depth = prm_i[0], prm_i[2], prm_i[3]
     min_p = prm_f[1]
     ctx = max_len + 2                        # request tokens kept in front of the path for matching
@@ -107,14 +135,16 @@ def best_first_tree(rseq, rn, rprev, rlast, hseq, hn, hprev, hlast, base, ov, pr
     f_tok = np.empty(cap_f, np.int32)
     f_par = np.empty(cap_f, np.int32)
     f_sc = np.empty(cap_f, np.float64)
+    f_feat = np.empty((cap_f, C.N_FEAT), np.float64)
     nf = 0
     depth = np.empty(max_nodes + 1, np.int32)
-    toks = np.empty(64, np.int32)
-    ps = np.empty(64, np.float64)
-    mt = np.empty(16, np.int32)
-    mc = np.empty(16, np.int32)
-    tbuf = np.empty(K.MAX_SUCC, np.int32)
-    wbuf = np.empty(K.MAX_SUCC, np.float64)
+    toks = np.empty(MAX_CAND, np.int32)
+    cp = np.zeros((MAX_CAND, C.N_SRC), np.float64)
+    ps = np.empty(MAX_CAND, np.float64)
+    feat = np.empty((MAX_CAND, C.N_FEAT), np.float64)
+    mlen = np.zeros(2, np.int64)
+    bufs = (np.empty(16, np.int32), np.empty(16, np.int32), np.empty(K.MAX_SUCC, np.int32),
+            np.empty(K.MAX_SUCC, np.float64))
     n_nodes = 0
     node = -1                                 # expand the root first
     while True:
@@ -130,8 +160,15 @@ def best_first_tree(rseq, rn, rprev, rlast, hseq, hn, hprev, hlast, base, ov, pr
             tail[off + i - start] = rseq[i]
         tl = tail[off:ctx + d]
         if d < max_depth:
-            n = _candidates(rseq, rn, rprev, rlast, hseq, hn, hprev, hlast, base, ov, prm,
-                            tl, tl.shape[0], ctx - off, prm_f, prm_i, rconf, hconf, toks, ps, mt, mc, tbuf, wbuf)
+            n = _candidates(rix, hix, mat, rec, tl, tl.shape[0], ctx - off, prm_f, prm_i, rconf, hconf, toks, cp,
+                            mlen, bufs)
+            for i in range(n):
+                prior = 1.0
+                for s in range(C.N_SRC):
+                    prior *= 1.0 - cp[i, s]
+                C.features(cp[i], 1.0 - prior, d + 1, mlen[0] if cp[i, S_REQ] > 0 else 0,
+                           mlen[1] if cp[i, S_HIST] > 0 else 0, feat[i])
+                ps[i] = C.predict(w, feat[i])
             parent_sc = 1.0 if node < 0 else out_score[node]
             # keep the best ``branch`` candidates
             for _ in range(min(branch, n)):
@@ -147,6 +184,7 @@ def best_first_tree(rseq, rn, rprev, rlast, hseq, hn, hprev, hlast, base, ov, pr
                     f_tok[nf] = toks[bi]
                     f_par[nf] = node
                     f_sc[nf] = parent_sc * ps[bi]
+                    f_feat[nf] = feat[bi]
                     nf += 1
                 ps[bi] = -1.0
         if n_nodes >= max_nodes or nf == 0:
@@ -158,39 +196,51 @@ def best_first_tree(rseq, rn, rprev, rlast, hseq, hn, hprev, hlast, base, ov, pr
         out_tok[n_nodes] = f_tok[bi]
         out_par[n_nodes] = f_par[bi]
         out_score[n_nodes] = f_sc[bi]
+        out_feat[n_nodes] = f_feat[bi]
         depth[n_nodes] = 1 if f_par[bi] < 0 else depth[f_par[bi]] + 1
         node = n_nodes
         n_nodes += 1
         nf -= 1
         f_tok[bi], f_par[bi], f_sc[bi] = f_tok[nf], f_par[nf], f_sc[nf]
+        f_feat[bi] = f_feat[nf]
     return n_nodes
 
 
 class BestDrafter:
-    """Request + history suffix matching and the adaptive tri-gram matrix, grown best-first by acceptance
-    probability. ``observe(seq)`` runs ADED's adaptive update and indexes the request; ``draft(seq, b)``
-    returns at most b nodes (the b most probable) with their scores."""
+    """Request + history suffix matching, the adaptive tri-gram matrix and the model's recycled predictions,
+    combined by an online-learned logistic model and grown best-first by acceptance probability.
+
+    ``observe(seq)`` runs ADED's adaptive update, learns from the last draft's verdict and indexes the
+    request; ``observe_logits(prev, inputs, top_ids, top_p)`` records the model's predictions from a
+    verification pass; ``draft(seq, b)`` returns at most b nodes (the b most probable) with their scores."""
 
     def __init__(self, matrix, *, history_tokens: int = 262_144, window: int = 16, **params):
         unknown = set(params) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown drafter parameters {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         p = {**DEFAULTS, **params}
-        for name in ("branch", "max_depth", "max_len", "max_occ"):
+        for name in ("branch", "max_depth", "max_len", "max_occ", "recycle_k"):
             if int(p[name]) < 1:
                 raise ValueError(f"{name} = {p[name]} must be >= 1")
         self.params = p
         self.matrix = matrix
         self.window = window
         self.history_tokens = history_tokens
-        self.prm_f = np.array([p["matrix_conf"], p["min_p"], p["matrix_smooth"]], np.float64)
+        rc = tuple(p["recycle_conf"])
+        if len(rc) != 2 or not all(0 <= c <= 1 for c in rc):
+            raise ValueError(f"recycle_conf must be two probabilities, got {p['recycle_conf']}")
+        self.prm_f = np.array([p["matrix_conf"], p["min_p"], p["matrix_smooth"], rc[0], rc[1]], np.float64)
         self.rconf = np.asarray(p["request_conf"], np.float64)
         self.hconf = np.asarray(p["history_conf"], np.float64)
-        if self.rconf.ndim != 1 or self.hconf.ndim != 1 or not (0 <= self.rconf).all() or not (self.rconf <= 1).all():
-            raise ValueError(f"request_conf/history_conf must be tables of probabilities, got {p['request_conf']}")
+        for t in (self.rconf, self.hconf):
+            if t.ndim != 1 or not (0 <= t).all() or not (t <= 1).all():
+                raise ValueError(f"request_conf/history_conf must be tables of probabilities, got {t.tolist()}")
         self.prm_i = np.array([p["max_len"], p["max_occ"], p["branch"], p["max_depth"]], np.int64)
         self.request = TokenIndex(matrix.vocab_size)
         self.history = TokenIndex(matrix.vocab_size)
+        self.recycle = R.RecycleTable(matrix.vocab_size, int(p["recycle_k"]))
+        self.combiner = C.OnlineLogistic(p["weights"], p["learn_rate"])
+        self._last = None                 # (context length, tokens, parents, features) of the last draft
         # Optional sharing hook (duck-typed, e.g. SharedStore): ``record_request(tokens)`` receives this
         # process's finished requests, ``drain_history(drafter)`` hands over the other processes' ones.
         self.journal = None
@@ -200,6 +250,7 @@ class BestDrafter:
         if self.journal is not None:
             self.journal.drain_history(self)
         self.matrix.update(seq, self.window)
+        self._learn(seq)
         r = self.request
         if r.n <= seq.shape[0] and np.array_equal(r.seq[: r.n], seq[: r.n]):
             r.extend(seq[r.n:])          # the same request, grown
@@ -208,10 +259,32 @@ class BestDrafter:
             r.clear()
             r.extend(seq)
 
+    def observe_logits(self, prev, inputs, top_ids, top_p) -> None:
+        """The model's predictions from a verification pass: after tokens ``prev[i], inputs[i]``
+        (``prev[i] = -1`` when unknown) its top next tokens were ``top_ids[i]`` with probabilities
+        ``top_p[i]``."""
+        self.recycle.record(prev, inputs, top_ids, top_p)
+
+    def _learn(self, seq: np.ndarray) -> None:
+        """Judge the last draft against the tokens committed since (when ``seq`` continues its context)."""
+        last, self._last = self._last, None
+        if last is None:
+            return
+        n_ctx, tokens, parents, feats = last
+        r = self.request
+        if seq.shape[0] <= n_ctx or r.n != n_ctx or not np.array_equal(r.seq[:n_ctx], seq[:n_ctx]):
+            return
+        judged, ok = C.judge(tokens, parents, seq[n_ctx:])
+        self.combiner.learn(feats[judged], ok[judged])
+
     def reset(self) -> None:
-        """Forget the current request and the history (the matrix deltas are the matrix's business)."""
+        """Forget the current request, the history, the recycled predictions and what the combiner learned
+        (the matrix deltas are the matrix's business)."""
         self.request.clear()
         self.history.clear()
+        self.recycle.clear()
+        self.combiner.reset()
+        self._last = None
 
     def remember(self, tokens, share: bool = True) -> None:
         """Add a finished request's tokens to the history (cleared when it outgrows its budget); with
@@ -236,14 +309,19 @@ class BestDrafter:
         out_tok = np.empty(b, np.int32)
         out_par = np.empty(b, np.int32)
         out_sc = np.empty(b, np.float64)
-        m, h = self.matrix, self.history
-        n = best_first_tree(r.seq, r.n, r.prev, r.last, h.seq, h.n, h.prev, h.last, m.base, m.ov, m.prm,
-                            self.prm_f, self.prm_i, self.rconf, self.hconf, b, out_tok, out_par, out_sc)
-        return _bfs(out_tok[:n], out_par[:n], out_sc[:n])
+        out_feat = np.empty((b, C.N_FEAT), np.float64)
+        m, h, rc = self.matrix, self.history, self.recycle
+        n = best_first_tree((r.seq, r.n, r.prev, r.last), (h.seq, h.n, h.prev, h.last), (m.base, m.ov, m.prm),
+                            (rc.keys, rc.ids, rc.probs, rc.n_tokens, rc.slot_bits), self.prm_f, self.prm_i,
+                            self.rconf, self.hconf, self.combiner.w, b, out_tok, out_par, out_sc, out_feat)
+        tree, order = _bfs(out_tok[:n], out_par[:n], out_sc[:n])
+        self._last = (r.n, tree.tokens, tree.parents, out_feat[:n][order])
+        return tree
 
 
-def _bfs(tok, par, score) -> DraftTree:
-    """Re-order insertion-ordered nodes breadth-first (stable), remapping parents; scores travel along."""
+def _bfs(tok, par, score) -> tuple[DraftTree, np.ndarray]:
+    """Re-order insertion-ordered nodes breadth-first (stable), remapping parents; scores travel along.
+    Returns the tree and the order (new index -> insertion index)."""
     n = tok.shape[0]
     depth = np.zeros(n, np.int32)
     for i in range(n):
@@ -252,4 +330,4 @@ def _bfs(tok, par, score) -> DraftTree:
     new_of = np.empty(n, np.int32)
     new_of[order] = np.arange(n, dtype=np.int32)
     parents = np.where(par[order] < 0, -1, new_of[np.maximum(par[order], 0)]).astype(np.int32)
-    return DraftTree(tok[order], parents, score[order])
+    return DraftTree(tok[order], parents, score[order]), order

@@ -25,7 +25,8 @@ class TrigramCounter:
         self.documents = 0
         self.tokens = 0
 
-    def add(self, ids) -> None:
+    def add(self, ids, times: int = 1) -> None:
+        """Count the tri-grams of one document ``times`` times."""
         x = np.asarray(ids, dtype=np.int64)
         if x.shape[0] < 3:
             return
@@ -33,8 +34,9 @@ class TrigramCounter:
             raise ValueError(f"token id out of range 0..{int(self.V) - 1}: {int(x.min())}..{int(x.max())}")
         self.documents += 1
         self.tokens += int(x.shape[0])
-        self._pending.append((x[:-2] * self.V + x[1:-1]) * self.V + x[2:])
-        self._n_pending += x.shape[0] - 2
+        codes = (x[:-2] * self.V + x[1:-1]) * self.V + x[2:]
+        self._pending.append(np.tile(codes, times) if times > 1 else codes)
+        self._n_pending += (x.shape[0] - 2) * times
         if self._n_pending >= self.chunk:
             self._reduce()
 

@@ -1,0 +1,62 @@
+"""Model-in-the-loop replay: a drafter's MAT when the target model really verifies its trees.
+
+Plain trace replay (:mod:`aded_ray.bench.replay`) knows only the recorded continuation, so it cannot give a
+drafter what verification gives it in the service: the model's predictions at every drafted node, accepted
+or not (``observe_logits``, the recycle source). Here every prompt of the traces is decoded greedily through
+the real decode loop (:func:`aded_ray.decode.generate_ids`) with a fixed node budget, in an exact verify
+mode, for as many tokens as its trace holds. MAT = committed tokens / verification steps, as in replay;
+outputs are compared with the traces (recorded batched, so a rare near-tie may differ).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from aded_ray.bench.replay import ReplayResult
+from aded_ray.decode import FixedBudget, GenerationStats, generate_ids
+from aded_ray.verify.modes import verifier_factory
+
+
+def model_replay(traces: list[dict], drafter, model, budget: int, name: str = "drafter", eos_ids=(),
+                 progress=None) -> tuple[ReplayResult, int]:
+    """Decode every trace's prompt with ``drafter`` (budget ``budget``) verified by ``model``; returns the
+    result and the number of outputs identical to their traces."""
+    make = verifier_factory(model)
+    res = ReplayResult(name)
+    identical = 0
+    for tr in traces:
+        out = list(tr["output_ids"])
+        stats = GenerationStats()
+        t_draft = []
+
+        class Timed:  # time drafter calls like plain replay does (observe + draft)
+            def observe(self, seq):
+                self.t0 = time.perf_counter()
+                drafter.observe(seq)
+
+            def draft(self, seq, b):
+                tree = drafter.draft(seq, b)
+                t_draft.append((time.perf_counter() - self.t0) * 1e6)
+                return tree
+
+            def observe_logits(self, *a):
+                if hasattr(drafter, "observe_logits"):
+                    drafter.observe_logits(*a)
+
+        got, last = [], []
+        for last in generate_ids(make(), Timed(), tr["prompt_ids"], max_new_tokens=len(out), eos_ids=eos_ids,
+                                 budget=FixedBudget(budget), stats=stats):
+            got += last
+        identical += got == out
+        res.traces += 1
+        # a request that ends on a root alone (EOS / length right after a step's bonus) took one more
+        # step in replay's accounting, which drafts below every root
+        res.steps += stats.steps + (len(last) == 1)
+        res.emitted += len(got)
+        res.nodes += stats.draft_tokens
+        res.empty_steps += stats.steps - stats.drafts
+        res.draft_us += t_draft
+        if progress is not None:
+            progress.update(1)
+    return res, identical

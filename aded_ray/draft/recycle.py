@@ -1,0 +1,92 @@
+"""The model's own predictions, recycled: what the target model ranked highest after a context, the last
+time verification ran that context (token-recycling style, but keyed by the last two tokens with a
+fallback to the last one).
+
+Verification computes the model's full next-token distribution at the root and at every draft node; only
+the argmax of the accepted path is used for output. The rest is free evidence about the model: after
+tokens ``(a, b)`` it predicted ``top_ids`` with probabilities ``top_p``. The table keeps the latest top-k
+per last token (V rows, always exact) and per token pair (a direct-mapped cache of ``2**slot_bits`` rows,
+a collision overwrites). numpy + numba only.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def _slot(n_tokens, slot_bits, a, b):
+    h = (np.uint64(a) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(b)) * np.uint64(0xBF58476D1CE4E5B9)
+    return n_tokens + int(h >> np.uint64(64 - slot_bits))
+
+
+@njit(cache=True)
+def lookup(keys, n_tokens, slot_bits, a, b):
+    """``(row, exact)``: the table row for context ``(a, b)`` (exact pair) else for ``b`` alone; -1 if none."""
+    if a >= 0 and 0 <= b < n_tokens:
+        row = _slot(n_tokens, slot_bits, a, b)
+        if keys[row] == a * n_tokens + b:
+            return row, True
+    if 0 <= b < n_tokens and keys[b] == b:
+        return b, False
+    return -1, False
+
+
+@njit(cache=True)
+def record(keys, ids, probs, n_tokens, slot_bits, prev, inputs, top_ids, top_p):
+    k = min(ids.shape[1], top_ids.shape[1])
+    for i in range(inputs.shape[0]):
+        b = inputs[i]
+        if b < 0 or b >= n_tokens:
+            continue
+        for pair in range(2):
+            if pair == 0:
+                row = b
+                keys[row] = b
+            else:
+                if prev[i] < 0 or prev[i] >= n_tokens:
+                    continue
+                row = _slot(n_tokens, slot_bits, prev[i], b)
+                keys[row] = prev[i] * n_tokens + b
+            for j in range(k):
+                ids[row, j] = top_ids[i, j]
+                probs[row, j] = top_p[i, j]
+            for j in range(k, ids.shape[1]):
+                probs[row, j] = 0.0
+
+
+class RecycleTable:
+    """Latest top-k next tokens of the model per last token and per last two tokens."""
+
+    def __init__(self, vocab_size: int, k: int = 8, slot_bits: int = 19):
+        if not 1 <= k <= 64 or not 8 <= slot_bits <= 26:
+            raise ValueError(f"k = {k} must be in 1..64 and slot_bits = {slot_bits} in 8..26")
+        self.n_tokens, self.slot_bits = int(vocab_size), int(slot_bits)
+        rows = self.n_tokens + (1 << slot_bits)
+        self.keys = np.full(rows, -1, np.int64)
+        self.ids = np.zeros((rows, k), np.int32)
+        self.probs = np.zeros((rows, k), np.float32)
+
+    def record(self, prev, inputs, top_ids, top_p) -> None:
+        """After tokens ``prev[i], inputs[i]`` (``prev[i] = -1``: unknown) the model's top next tokens were
+        ``top_ids[i]`` with probabilities ``top_p[i]`` (descending)."""
+        inputs = np.atleast_1d(np.asarray(inputs, np.int64))
+        prev = np.atleast_1d(np.asarray(prev, np.int64))
+        top_ids = np.atleast_2d(np.asarray(top_ids, np.int32))
+        top_p = np.atleast_2d(np.asarray(top_p, np.float32))
+        if not (prev.shape == inputs.shape and top_ids.shape == top_p.shape and top_ids.shape[0] == inputs.shape[0]):
+            raise ValueError(f"shapes differ: prev {prev.shape}, inputs {inputs.shape}, ids {top_ids.shape}, "
+                             f"probs {top_p.shape}")
+        record(self.keys, self.ids, self.probs, self.n_tokens, self.slot_bits, prev, inputs, top_ids, top_p)
+
+    def get(self, a: int, b: int) -> tuple[list[int], list[float], bool]:
+        """The recorded top-k after ``(a, b)`` (or after ``b``), and whether the pair matched exactly."""
+        row, exact = lookup(self.keys, self.n_tokens, self.slot_bits, a, b)
+        if row < 0:
+            return [], [], False
+        keep = self.probs[row] > 0
+        return self.ids[row][keep].tolist(), self.probs[row][keep].tolist(), exact
+
+    def clear(self) -> None:
+        self.keys[:] = -1
+        self.probs[:] = 0.0
