@@ -199,15 +199,19 @@ def _bench_store(a) -> int:
         server = RedisServer(cache_dir() / "bench-redis")
         url = server.url
     step_ms = None
-    curves = sorted((cache_dir() / "cost").glob("cost-*-fp32-packed.json"))
+    from aded_ray.verify.budget import machine_key
+
+    curves = sorted((cache_dir() / "cost").glob(f"cost-{machine_key()}-*-fp32-packed.json"))
     if curves:
         step_ms = json.loads(curves[-1].read_text())["ms"].get("16")
     try:
+        pace = a.pace_ms if a.pace_ms is not None else (step_ms or 0.0)
+        print(f"fleet of {a.processes} processes, drafter {a.drafter}, steps paced to {pace:.1f} ms")
         print("| traces | single process MAT | shared fleet MAT | isolated fleet MAT | shared / single | "
-              "store cost per step (decode thread) |")
-        print("|---|---|---|---|---|---|")
+              "shared vs isolated | late replica MAT warm / cold | store cost per step (decode thread) |")
+        print("|---|---|---|---|---|---|---|---|")
         for f in a.traces:
-            r = run_fleet(load_traces(f), a.store, processes=a.processes, drafter=a.drafter, url=url)
+            r = run_fleet(load_traces(f), a.store, processes=a.processes, drafter=a.drafter, url=url, pace_ms=pace)
             print(markdown(Path(f).stem, r, step_ms), flush=True)
             if a.json:
                 print(json.dumps(r))
@@ -349,6 +353,8 @@ def main(argv=None) -> int:
     f.add_argument("--processes", type=int, default=4)
     f.add_argument("--drafter", choices=("aded", "best"), default="aded")
     f.add_argument("--redis-url", default=None, help="default: start a local redis-server")
+    f.add_argument("--pace-ms", type=float, default=None,
+                   help="minimum replay step time in fleet processes (default: the measured k=16 verify cost)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(fn=_bench_store)
 

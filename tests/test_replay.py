@@ -63,3 +63,12 @@ def test_bench_draft_cli_json(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert {"mat", "nodes_per_step", "draft_us_p50"} <= out.keys()
     assert out["mat"] > 2.0 and [d["name"] for d in out["drafters"]] == ["aded_ray parity (ADED MCTS, budget 64)", "prompt lookup (3..1-gram, 10 tokens)"]
+
+
+def test_replay_pacing_makes_every_step_last_at_least_pace_ms():
+    import time
+
+    trace = {"prompt_ids": [0], "output_ids": [5, 6, 7, 8, 9]}
+    t0 = time.perf_counter()
+    r = replay([trace], FixedDrafter(DraftTree([6, 7], [-1, 0])), pace_ms=40)
+    assert r.steps == 3 and time.perf_counter() - t0 >= 0.08   # steps 2 and 3 each wait out step 1, 2

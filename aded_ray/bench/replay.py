@@ -55,8 +55,11 @@ class ReplayResult:
                 "draft_us_p95": round(float(np.percentile(us, 95)), 1)}
 
 
-def replay(traces: list[dict], drafter, name: str = "drafter", progress=None) -> ReplayResult:
-    """Replay ``traces`` through ``drafter`` (``observe(seq)`` then ``draft(seq)``, timed together)."""
+def replay(traces: list[dict], drafter, name: str = "drafter", progress=None, pace_ms: float = 0.0) -> ReplayResult:
+    """Replay ``traces`` through ``drafter`` (``observe(seq)`` then ``draft(seq)``, timed together).
+
+    ``pace_ms``: every step lasts at least this long (sleeping for the rest), standing in for the model's
+    verification pass, so processes that share state see each other at the pace a real fleet would."""
     res = ReplayResult(name)
     for tr in traces:
         prompt = list(tr["prompt_ids"])
@@ -67,6 +70,12 @@ def replay(traces: list[dict], drafter, name: str = "drafter", progress=None) ->
         while i < out.shape[0]:
             ctx = seq[: p + i + 1]  # committed tokens + the step's root token out[i]
             t0 = time.perf_counter()
+            if pace_ms > 0 and res.steps:
+                rest = step_start + pace_ms / 1000 - t0
+                if rest > 0:
+                    time.sleep(rest)
+                t0 = time.perf_counter()
+            step_start = t0
             drafter.observe(ctx)
             tree = drafter.draft(ctx)
             res.draft_us.append((time.perf_counter() - t0) * 1e6)

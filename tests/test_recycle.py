@@ -1,0 +1,92 @@
+"""Recycled model predictions, the online combiner and how the decode loop feeds them (small literal cases)."""
+import numpy as np
+import pytest
+import torch
+
+from aded_ray.decode import RECYCLE_K, recycle_predictions
+from aded_ray.draft import combine as C
+from aded_ray.draft.best import BestDrafter
+from aded_ray.draft.matrix import TrigramMatrix
+from aded_ray.draft.recycle import RecycleTable
+from aded_ray.draft.tree import DraftTree
+
+
+def test_table_prefers_the_exact_pair_and_falls_back_to_the_last_token():
+    t = RecycleTable(100, k=3)
+    t.record([5], [7], [[8, 9, 10]], [[0.6, 0.3, 0.1]])          # after (5, 7): 8 9 10
+    t.record([6], [7], [[11, 12, 0]], [[0.9, 0.05, 0.0]])        # after (6, 7): 11 12 (latest for 7)
+    assert t.get(5, 7) == ([8, 9, 10], pytest.approx([0.6, 0.3, 0.1]), True)
+    assert t.get(6, 7)[0] == [11, 12] and t.get(6, 7)[2]
+    ids, _, exact = t.get(4, 7)                                  # unseen pair: the last token's latest row
+    assert ids == [11, 12] and not exact
+    assert t.get(1, 2) == ([], [], False)                        # never seen
+    t.record([-1], [3], [[4, 0, 0]], [[1.0, 0, 0]])              # unknown previous token: last-token row only
+    assert t.get(9, 3) == ([4], [1.0], False)
+    t.clear()
+    assert t.get(5, 7) == ([], [], False)
+
+
+def test_table_rejects_mismatched_shapes():
+    t = RecycleTable(10, k=2)
+    with pytest.raises(ValueError, match="shapes"):
+        t.record([1, 2], [3], [[4, 5]], [[0.5, 0.5]])
+    with pytest.raises(ValueError, match="k = 0"):
+        RecycleTable(10, k=0)
+
+
+def test_prior_weights_give_the_noisy_or():
+    cp = np.array([0.5, 0.0, 0.2, 0.0, 0.0])
+    prior = 1 - (1 - 0.5) * (1 - 0.2)
+    phi = np.empty(C.N_FEAT)
+    C.features(cp, prior, 1, 3, 0, phi)
+    assert C.predict(C.prior_weights(), phi) == pytest.approx(prior, abs=1e-9)
+
+
+def test_combiner_learns_that_a_source_is_wrong():
+    # a source claiming 0.9 that is never right: the learned probability falls well below the claim
+    cp = np.array([0.0, 0.0, 0.0, 0.9, 0.0])
+    phi = np.empty(C.N_FEAT)
+    C.features(cp, 0.9, 1, 0, 0, phi)
+    lr = C.OnlineLogistic(lr=0.2)
+    before = C.predict(lr.w, phi)
+    for _ in range(50):
+        lr.learn(phi[None], np.array([False]))
+    assert before == pytest.approx(0.9) and C.predict(lr.w, phi) < 0.3
+    lr.reset()
+    assert C.predict(lr.w, phi) == pytest.approx(0.9) and lr.seen == 0
+    with pytest.raises(ValueError, match="weights"):
+        C.OnlineLogistic(weights=[1.0, 2.0])
+
+
+def test_recycled_predictions_are_drafted_as_a_chain():
+    d = BestDrafter(TrigramMatrix.empty(100))                   # no corpus, no request repetition
+    d.observe_logits([1, 2, 3], [2, 3, 4], [[3, 0], [4, 0], [5, 6]], [[0.9, 0], [0.8, 0], [0.7, 0.2]])
+    t = d.draft([1, 2], 3)                                        # after (1, 2) the model said 3, then 4, then 5
+    assert t.token_paths()[0] == [3, 4, 5]
+    assert t.scores[0] == pytest.approx(0.9, abs=0.01)
+
+
+def test_drafter_judges_its_last_draft_when_the_request_grows():
+    d = BestDrafter(TrigramMatrix.empty(100), learn_rate=0.5)
+    d.observe_logits([1], [2], [[3, 9]], [[0.9, 0.1]])
+    t = d.draft([1, 2], 2)
+    assert sorted(t.tokens.tolist()) == [3, 9]
+    w0 = d.combiner.w.copy()
+    d.observe([1, 2, 9, 4])                                       # verification took 9 (then bonus 4)
+    assert d.combiner.seen == 2 and not np.allclose(d.combiner.w, w0)
+    d.observe([7, 7, 7])                                          # a different request: nothing to judge
+    assert d.combiner.seen == 2
+
+
+def test_decode_loop_hands_over_root_and_node_predictions():
+    calls = []
+    tree = DraftTree([10, 11, 12], [-1, -1, 0])                  # root r=5 -> 10 -> 12, and 11
+    logits = torch.full((4, 20), -10.0)
+    for row, tok in enumerate([10, 12, 1, 2]):                    # row 0 = root, row i = node i - 1
+        logits[row, tok] = 5.0
+    recycle_predictions(lambda *a: calls.append(a), 4, 5, tree, logits)
+    prev, inputs, ids, probs = calls[0]
+    assert inputs.tolist() == [5, 10, 11, 12] and prev.tolist() == [4, 5, 5, 10]
+    assert ids.shape == (4, RECYCLE_K) and ids[:, 0].tolist() == [10, 12, 1, 2]
+    assert probs[0, 0] == pytest.approx(np.exp(5) / (np.exp(5) + 19 * np.exp(-10)), rel=1e-5)
+    assert (np.diff(probs, axis=1) <= 0).all()
