@@ -25,7 +25,7 @@ def _record_traces(a) -> int:
 
     out = a.out or cache_dir() / "traces" / f"{a.prompts}.jsonl"
     record_traces(prompts=a.prompts, out=out, model=a.model, limit=a.limit, max_new_tokens=a.max_new_tokens,
-                  batch_size=a.batch_size)
+                  batch_size=a.batch_size, dtype=a.dtype)
     return 0
 
 
@@ -303,12 +303,13 @@ def main(argv=None) -> int:
     b.set_defaults(fn=_build_store)
 
     r = sub.add_parser("record-traces", help="record greedy continuations of the model for a prompt set")
-    r.add_argument("--prompts", required=True, choices=("mtbench", "humaneval", "grounded"))
+    r.add_argument("--prompts", required=True, choices=("mtbench", "humaneval", "grounded", "sharegpt"))
     r.add_argument("--model", default=None)
     r.add_argument("--out", default=None, help="default: $ADED_CACHE_DIR/traces/<prompts>.jsonl")
     r.add_argument("--limit", type=int, default=None)
     r.add_argument("--max-new-tokens", type=int, default=256)
     r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--dtype", default="float32", help="float32 (traces) or bfloat16 (a faster dev set)")
     r.set_defaults(fn=_record_traces)
 
     d = sub.add_parser("bench-draft", help="replay traces through the drafters, side by side")

@@ -16,8 +16,9 @@ class _Strict(BaseModel):
 
 
 class DraftConfig(_Strict):
-    """The drafter. ``best``: aded_ray's probability-ranked tree (request + history suffix matching + the
-    adaptive tri-gram matrix); ``aded``: the authors' MCTS (its settings below are the authors' defaults);
+    """The drafter. ``best``: aded_ray's probability-ranked tree (request + history suffix matching, the
+    adaptive tri-gram matrix and the model's recycled predictions, combined by an online-learned model);
+    ``aded``: the authors' MCTS (its settings below are the authors' defaults);
     ``lookup``: prompt lookup; ``none``: plain decoding."""
 
     method: Literal["best", "aded", "lookup", "none"] = "best"
