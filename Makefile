@@ -54,8 +54,8 @@ bench-draft: setup
 	@test -f $(STORE) || $(MAKE) --no-print-directory store
 	@test -f $(STORE:.tri=.authors.idx) || $(MAKE) --no-print-directory authors-index
 	@test -f $(CACHE)/traces/humaneval.jsonl || $(MAKE) --no-print-directory traces
-	$(VENV)/bin/aded bench-draft --store $(STORE) --traces $(CACHE)/traces/mtbench.jsonl
-	$(VENV)/bin/aded bench-draft --store $(STORE) --traces $(CACHE)/traces/humaneval.jsonl
+	$(VENV)/bin/aded bench-draft --store $(STORE) --traces $(CACHE)/traces/mtbench.jsonl --model-loop
+	$(VENV)/bin/aded bench-draft --store $(STORE) --traces $(CACHE)/traces/humaneval.jsonl --model-loop
 
 bench-store: setup
 	$(VENV)/bin/aded bench-store --store $(STORE) --traces $(CACHE)/traces/mtbench.jsonl $(CACHE)/traces/humaneval.jsonl

@@ -51,3 +51,34 @@ def test_builtin_corpora_are_readable():
     assert len(docs) == 5 and all(isinstance(d, str) and d for d in docs)
     assert "def " in "".join(iter_corpus("stdlib", limit=3))
     np.testing.assert_equal(len(list(iter_corpus("stdlib", limit=2))), 2)
+
+
+def test_distilled_outputs_are_counted_as_emitted_with_their_weight(tmp_path, tokenizer):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": TEXT[0]}))
+    # the model's own ids, including a token sequence the tokenizer would not produce for this text
+    distilled = tmp_path / "d.jsonl"
+    distilled.write_text(json.dumps({"prompt_ids": [1, 2, 3, 4], "output_ids": [7, 1116, 33, 30]}))
+    out = tmp_path / "s.tri"
+    rep = build_store(corpus=str(corpus), out=out, distilled=distilled, distilled_weight=3, progress=False)
+    m = TrigramMatrix.load(out)
+    assert rep["distilled_tokens"] == 4 and m.meta["distilled_weight"] == 3
+    # counted with the last two prompt tokens (the assistant header) in front: (3, 4) -> 7, (4, 7) -> 1116, ...
+    for a, b, c in [(3, 4, 7), (4, 7, 1116), (7, 1116, 33), (1116, 33, 30)]:
+        assert m.weight(a, b, c) == 1.0              # the only successor of that context
+    import pytest
+
+    with pytest.raises(ValueError, match="distilled_weight"):
+        build_store(corpus=str(corpus), out=out, distilled=distilled, distilled_weight=0, progress=False)
+
+
+def test_counter_times_equals_repeated_adds():
+    from aded_ray.draft.build import TrigramCounter
+
+    a, b = TrigramCounter(50), TrigramCounter(50)
+    a.add([1, 2, 3, 4, 2, 3, 5], times=3)
+    for _ in range(3):
+        b.add([1, 2, 3, 4, 2, 3, 5])
+    a._reduce(), b._reduce()
+    assert a.codes.tolist() == b.codes.tolist() and a.counts.tolist() == b.counts.tolist()
+    assert a.tokens == 7 and a.documents == 1
