@@ -58,7 +58,7 @@ bench-draft: setup
 	$(VENV)/bin/aded bench-draft --store $(STORE) --traces $(CACHE)/traces/humaneval.jsonl --model-loop
 
 bench-store: setup
-	$(VENV)/bin/aded bench-store --store $(STORE) --traces $(CACHE)/traces/mtbench.jsonl $(CACHE)/traces/humaneval.jsonl
+	for d in aded best; do $(VENV)/bin/aded bench-store --drafter $$d --store $(STORE) --traces $(CACHE)/traces/mtbench.jsonl $(CACHE)/traces/humaneval.jsonl; done
 
 bench: setup
 	@test -f $(STORE) || $(MAKE) --no-print-directory store
