@@ -11,11 +11,28 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 
 from aded_ray.bench.replay import ReplayResult
 from aded_ray.decode import FixedBudget, GenerationStats, generate_ids
 from aded_ray.verify.modes import verifier_factory
+
+
+class _Timed:
+    """Times the drafter's calls like plain replay does (observe + draft, in µs)."""
+
+    def __init__(self, drafter):
+        self.drafter, self.us, self.t0 = drafter, [], 0.0
+        if hasattr(drafter, "observe_logits"):
+            self.observe_logits = drafter.observe_logits
+
+    def observe(self, seq):
+        self.t0 = time.perf_counter()
+        self.drafter.observe(seq)
+
+    def draft(self, seq, b):
+        tree = self.drafter.draft(seq, b)
+        self.us.append((time.perf_counter() - self.t0) * 1e6)
+        return tree
 
 
 def model_replay(traces: list[dict], drafter, model, budget: int, name: str = "drafter", eos_ids=(),
@@ -28,24 +45,9 @@ def model_replay(traces: list[dict], drafter, model, budget: int, name: str = "d
     for tr in traces:
         out = list(tr["output_ids"])
         stats = GenerationStats()
-        t_draft = []
-
-        class Timed:  # time drafter calls like plain replay does (observe + draft)
-            def observe(self, seq):
-                self.t0 = time.perf_counter()
-                drafter.observe(seq)
-
-            def draft(self, seq, b):
-                tree = drafter.draft(seq, b)
-                t_draft.append((time.perf_counter() - self.t0) * 1e6)
-                return tree
-
-            def observe_logits(self, *a):
-                if hasattr(drafter, "observe_logits"):
-                    drafter.observe_logits(*a)
-
+        timed = _Timed(drafter)
         got, last = [], []
-        for last in generate_ids(make(), Timed(), tr["prompt_ids"], max_new_tokens=len(out), eos_ids=eos_ids,
+        for last in generate_ids(make(), timed, tr["prompt_ids"], max_new_tokens=len(out), eos_ids=eos_ids,
                                  budget=FixedBudget(budget), stats=stats):
             got += last
         identical += got == out
@@ -56,7 +58,7 @@ def model_replay(traces: list[dict], drafter, model, budget: int, name: str = "d
         res.emitted += len(got)
         res.nodes += stats.draft_tokens
         res.empty_steps += stats.steps - stats.drafts
-        res.draft_us += t_draft
+        res.draft_us += timed.us
         if progress is not None:
             progress.update(1)
     return res, identical
