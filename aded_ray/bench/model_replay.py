@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-
 from aded_ray.bench.replay import ReplayResult
 from aded_ray.decode import FixedBudget, GenerationStats, generate_ids
 from aded_ray.verify.modes import verifier_factory
