@@ -31,7 +31,7 @@ def build_store(*, corpus: str, out: str | Path, model: str | None = None, top_k
                 distilled: str | Path | None = None, distilled_weight: int = 8, progress: bool = True) -> dict:
     """Build a store from ``corpus`` and write it to ``out``; returns a report dict.
 
-    ``distilled``: a trace file of the target model's own outputs (``aded distill``); each output is counted
+    ``distilled``: a trace file of the target model's own outputs (``aded record-traces``, e.g. ``--prompts sharegpt``); each output is counted
     ``distilled_weight`` times, as the token ids the model emitted (its own tokenization, which can differ
     from the tokenizer's encoding of the same text), together with the last two prompt tokens (the
     assistant header) so the opening of an answer is learned too.

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from aded_ray.data import PROMPT_SETS
 from aded_ray.paths import cache_dir, default_store
 
 
@@ -296,14 +297,14 @@ def main(argv=None) -> int:
     b.add_argument("--top-k", type=int, default=12, help="successors kept per context")
     b.add_argument("--limit", type=int, default=None, help="only the first N documents")
     b.add_argument("--authors-out", default=None, help="also write the authors' draftretriever index here")
-    b.add_argument("--distilled", default=None, help="also count the model's own outputs (a trace file, `aded distill`)")
+    b.add_argument("--distilled", default=None, help="also count the model's own outputs (a trace file from `aded record-traces`)")
     b.add_argument("--distilled-weight", type=int, default=8, help="times each distilled output is counted")
     b.add_argument("--json", action="store_true")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=_build_store)
 
     r = sub.add_parser("record-traces", help="record greedy continuations of the model for a prompt set")
-    r.add_argument("--prompts", required=True, choices=("mtbench", "humaneval", "grounded", "sharegpt"))
+    r.add_argument("--prompts", required=True, choices=PROMPT_SETS)
     r.add_argument("--model", default=None)
     r.add_argument("--out", default=None, help="default: $ADED_CACHE_DIR/traces/<prompts>.jsonl")
     r.add_argument("--limit", type=int, default=None)

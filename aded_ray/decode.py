@@ -35,9 +35,12 @@ from aded_ray.verify.accept import SamplingParams, accept, sample_token
 RECYCLE_K = 8
 
 
-def recycle_predictions(observe_logits, before_root: int, root: int, tree: DraftTree, logits: torch.Tensor) -> None:
-    """Hand the model's top-k next tokens at the root and at every node (row i of ``logits`` is the root
-    for i = 0, node i - 1 after) to the drafter, keyed by each position's last two tokens."""
+def recycle_predictions(observe_logits, committed: list[int], tree: DraftTree, logits: torch.Tensor) -> None:
+    """Hand the model's top-k next tokens at the root (``committed[-1]``) and at every node (row i of
+    ``logits`` is the root for i = 0, node i - 1 after) to the drafter, keyed by each position's last two
+    tokens."""
+    root = committed[-1]
+    before_root = committed[-2] if len(committed) > 1 else -1
     lg = logits.float()
     top, ids = lg.topk(RECYCLE_K, dim=-1)
     probs = torch.exp(top - torch.logsumexp(lg, dim=-1, keepdim=True))
@@ -119,9 +122,8 @@ def generate_ids(verifier, drafter, prompt_ids, *, max_new_tokens: int, sampling
     t0 = time.perf_counter()
     logits = verifier.prefill(committed)
     stats.prefill_s = time.perf_counter() - t0
-    if recycle is not None and len(committed) > 0:
-        recycle_predictions(recycle, committed[-2] if len(committed) > 1 else -1, committed[-1], DraftTree(),
-                            logits[None])
+    if recycle is not None:
+        recycle_predictions(recycle, committed, DraftTree(), logits[None])
     root = int(logits.argmax()) if sampling.greedy else sample_token(logits, sampling, gen)
     produced = 0
     while True:
@@ -143,7 +145,7 @@ def generate_ids(verifier, drafter, prompt_ids, *, max_new_tokens: int, sampling
         verifier.commit([0] + [i + 1 for i in path])
         t2 = time.perf_counter()
         if recycle is not None:
-            recycle_predictions(recycle, committed[-2] if len(committed) > 1 else -1, root, tree, logits)
+            recycle_predictions(recycle, committed, tree, logits)
         stats.draft_s += t1 - t0 + time.perf_counter() - t2
         stats.verify_s += t2 - t1
         stats.steps += 1

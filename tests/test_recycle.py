@@ -84,7 +84,7 @@ def test_decode_loop_hands_over_root_and_node_predictions():
     logits = torch.full((4, 20), -10.0)
     for row, tok in enumerate([10, 12, 1, 2]):                    # row 0 = root, row i = node i - 1
         logits[row, tok] = 5.0
-    recycle_predictions(lambda *a: calls.append(a), 4, 5, tree, logits)
+    recycle_predictions(lambda *a: calls.append(a), [3, 4, 5], tree, logits)
     prev, inputs, ids, probs = calls[0]
     assert inputs.tolist() == [5, 10, 11, 12] and prev.tolist() == [4, 5, 5, 10]
     assert ids.shape == (4, RECYCLE_K) and ids[:, 0].tolist() == [10, 12, 1, 2]

@@ -31,28 +31,24 @@ class _TimedJournal:
     """Wraps a SharedStore to time what the decode thread spends on it."""
 
     def __init__(self, store):
-        self.store, self.seconds, self.calls = store, 0.0, 0
+        self.store, self.seconds = store, 0.0
+
+    def _timed(self, fn, *args):
+        t = time.perf_counter()
+        fn(*args)
+        self.seconds += time.perf_counter() - t
 
     def record(self, keys, toks):
-        t = time.perf_counter()
-        self.store.record(keys, toks)
-        self.seconds += time.perf_counter() - t
+        self._timed(self.store.record, keys, toks)
 
     def drain(self):
-        t = time.perf_counter()
-        self.store.drain()
-        self.seconds += time.perf_counter() - t
-        self.calls += 1
+        self._timed(self.store.drain)
 
     def record_request(self, tokens):
-        t = time.perf_counter()
-        self.store.record_request(tokens)
-        self.seconds += time.perf_counter() - t
+        self._timed(self.store.record_request, tokens)
 
     def drain_history(self, drafter):
-        t = time.perf_counter()
-        self.store.drain_history(drafter)
-        self.seconds += time.perf_counter() - t
+        self._timed(self.store.drain_history, drafter)
 
 
 def _worker(args) -> dict:

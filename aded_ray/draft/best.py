@@ -252,11 +252,12 @@ class BestDrafter:
         if self.journal is not None:
             self.journal.drain_history(self)
         self.matrix.update(seq, self.window)
-        self._learn(seq)
         r = self.request
         if r.n <= seq.shape[0] and np.array_equal(r.seq[: r.n], seq[: r.n]):
+            self._learn(seq)
             r.extend(seq[r.n:])          # the same request, grown
         else:                             # a new request: the finished one joins the history
+            self._last = None
             self.remember(r.seq[: r.n])
             r.clear()
             r.extend(seq)
@@ -268,13 +269,12 @@ class BestDrafter:
         self.recycle.record(prev, inputs, top_ids, top_p)
 
     def _learn(self, seq: np.ndarray) -> None:
-        """Judge the last draft against the tokens committed since (when ``seq`` continues its context)."""
+        """Judge the last draft against the tokens committed since; ``seq`` continues the indexed request."""
         last, self._last = self._last, None
         if last is None:
             return
         n_ctx, tokens, parents, feats = last
-        r = self.request
-        if seq.shape[0] <= n_ctx or r.n != n_ctx or not np.array_equal(r.seq[:n_ctx], seq[:n_ctx]):
+        if seq.shape[0] <= n_ctx or self.request.n != n_ctx:
             return
         judged, ok = C.judge(tokens, parents, seq[n_ctx:])
         self.combiner.learn(feats[judged], ok[judged])
