@@ -202,7 +202,7 @@ def _bench_store(a) -> int:
     step_ms = None
     from aded_ray.verify.budget import machine_key
 
-    curves = sorted((cache_dir() / "cost").glob(f"cost-{machine_key()}-*-fp32-packed.json"))
+    curves = sorted((cache_dir() / "cost").glob(f"cost-{machine_key()}-*-fp32-packed-cpu.json"))
     if curves:
         step_ms = json.loads(curves[-1].read_text())["ms"].get("16")
     try:

@@ -50,6 +50,9 @@ class VerifyConfig(_Strict):
     budget: Literal["auto"] | int = "auto"
     tp_size: int = Field(1, ge=1, le=64, description="tensor-parallel ranks (DeepSpeed AutoTP actors) when > 1")
     step_timeout_s: float = Field(60.0, gt=0, description="a tensor-parallel step longer than this fails")
+    # Fixed pass widths (tokens per pass after the prefill; every pass padded to the smallest that holds it):
+    # "auto" = [64] on CUDA (a pass costs the same for 1 and 64 tokens there; fixed shapes), none on CPU.
+    widths: Literal["auto"] | list[int] = "auto"
     # ms per forward pass of k new tokens, e.g. {1: 34, 8: 40, 16: 51, 64: 133}; None = measure at start-up
     # (once per machine, model and mode; cached in $ADED_CACHE_DIR/cost)
     cost_curve: dict[int, float] | None = None
@@ -67,10 +70,18 @@ class VerifyConfig(_Strict):
         import torch
 
         if self.resolved_device() == "cuda":
-            return "fp16"
+            return "fp32"   # exact (TF32 off); fp16/bf16 must pass the start-up check to speculate
         if self.tp_size > 1:
             return "fp32"  # AutoTP shards nn.Linear; oneDNN packing does not apply to its layers
         return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
+
+
+    def resolved_widths(self) -> list[int]:
+        if self.widths != "auto":
+            if any(w < 1 or w > 4096 for w in self.widths):
+                raise ValueError(f"widths {self.widths} must be token counts in 1..4096")
+            return sorted(set(self.widths))
+        return [64] if self.resolved_device() == "cuda" else []
 
 
 class EngineConfig(_Strict):

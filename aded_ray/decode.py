@@ -13,40 +13,38 @@
         verifier.commit([root] + path)              # 6. KV keeps root + accepted nodes only
         commit path; root = bonus
 
-The drafter, the verifier and the budget are duck-typed: ``drafter.observe(seq)``,
-``drafter.draft(seq, max_nodes) -> DraftTree``, optionally ``drafter.observe_logits(prev, inputs, top_ids,
-top_p)``; ``verifier.prefill/forward_tree/commit/length``;
-``budget.choose() -> int``, ``budget.observe(budget, n_nodes, ranks of the accepted path)`` and
-``budget.observe_cost(tokens, ms)``.
+The drafter, the verifier and the budget are the protocols of :mod:`aded_ray.interfaces`.
+
+Devices: the verifier's logits stay on the model's device. Each step reduces them there (the target's choice
+per row, and the top-k the drafter recycles) and copies only those few numbers to the host, once
+(:func:`aded_ray.verify.accept.reduce_rows`); sampling draws with per-position counter-based uniforms, so a
+seeded request needs no generator on any device and samples the same tokens with or without speculation.
 """
 from __future__ import annotations
 
+import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from aded_ray.draft.tree import DraftTree
-from aded_ray.verify.accept import SamplingParams, accept, sample_token
+from aded_ray.interfaces import Budget, Drafter, Verifier
+from aded_ray.verify.accept import RowChoices, SamplingParams, reduce_rows, row_depths, walk
 
 
 RECYCLE_K = 8
 
 
-def recycle_predictions(observe_logits, committed: list[int], tree: DraftTree, logits: torch.Tensor) -> None:
-    """Hand the model's top-k next tokens at the root (``committed[-1]``) and at every node (row i of
-    ``logits`` is the root for i = 0, node i - 1 after) to the drafter, keyed by each position's last two
-    tokens."""
+def recycle_predictions(observe_logits, committed: list[int], tree: DraftTree, rows: RowChoices) -> None:
+    """Hand the model's top-k next tokens at the root (``committed[-1]``) and at every node (row i is the
+    root for i = 0, node i - 1 after) to the drafter, keyed by each position's last two tokens."""
     root = committed[-1]
     before_root = committed[-2] if len(committed) > 1 else -1
-    lg = logits.float()
-    top, ids = lg.topk(RECYCLE_K, dim=-1)
-    probs = torch.exp(top - torch.logsumexp(lg, dim=-1, keepdim=True))
     toks = np.r_[root, tree.tokens].astype(np.int64)
     prev = np.r_[before_root, np.where(tree.parents < 0, root, tree.tokens[np.maximum(tree.parents, 0)])]
-    observe_logits(prev, toks, ids.numpy(), probs.numpy())
+    observe_logits(prev, toks, rows.top_ids, rows.top_p)
 
 
 @dataclass
@@ -103,28 +101,30 @@ class FixedBudget:
         pass
 
 
-def generate_ids(verifier, drafter, prompt_ids, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-                 eos_ids=(), budget=None, stats: GenerationStats | None = None) -> Iterator[list[int]]:
+def generate_ids(verifier: Verifier, drafter: Drafter, prompt_ids, *, max_new_tokens: int,
+                 sampling: SamplingParams = SamplingParams(), eos_ids=(), budget: Budget | None = None,
+                 stats: GenerationStats | None = None) -> Iterator[list[int]]:
     """Yield lists of newly committed token ids until EOS or ``max_new_tokens``.
 
     EOS tokens are yielded (the caller decides whether to show them); ``stats.finish_reason`` is ``"stop"``
     after EOS and ``"length"`` after ``max_new_tokens``. Closing the generator stops decoding at once.
+    An unseeded sampling request draws its seed here (fresh per request).
     """
     stats = stats if stats is not None else GenerationStats()
     budget = budget if budget is not None else FixedBudget()
+    if not sampling.greedy and sampling.seed is None:
+        sampling = replace(sampling, seed=secrets.randbits(63))
     eos = set(int(e) for e in eos_ids)
-    gen = None
-    if not sampling.greedy and sampling.seed is not None:
-        gen = torch.Generator().manual_seed(sampling.seed)
     recycle = getattr(drafter, "observe_logits", None)
+    top_k = RECYCLE_K if recycle is not None else 0
     committed = [int(t) for t in prompt_ids]
     stats.prompt_tokens = len(committed)
     t0 = time.perf_counter()
-    logits = verifier.prefill(committed)
+    rows = reduce_rows(verifier.prefill(committed), sampling, positions=[0], top_k=top_k)
     stats.prefill_s = time.perf_counter() - t0
     if recycle is not None:
-        recycle_predictions(recycle, committed, DraftTree(), logits[None])
-    root = int(logits.argmax()) if sampling.greedy else sample_token(logits, sampling, gen)
+        recycle_predictions(recycle, committed, DraftTree(), rows)
+    root = int(rows.tokens[0])
     produced = 0
     while True:
         committed.append(root)
@@ -141,11 +141,13 @@ def generate_ids(verifier, drafter, prompt_ids, *, max_new_tokens: int, sampling
         tree = drafter.draft(seq, k) if k > 0 else DraftTree()
         t1 = time.perf_counter()
         logits = verifier.forward_tree(root, tree)
-        path, bonus = accept(tree, logits, sampling, gen)
+        rows = reduce_rows(logits, sampling, positions=produced + row_depths(tree), top_k=top_k)
+        del logits
+        path, bonus = walk(tree, rows.tokens)
         verifier.commit([0] + [i + 1 for i in path])
         t2 = time.perf_counter()
         if recycle is not None:
-            recycle_predictions(recycle, committed, tree, logits)
+            recycle_predictions(recycle, committed, tree, rows)
         stats.draft_s += t1 - t0 + time.perf_counter() - t2
         stats.verify_s += t2 - t1
         stats.steps += 1

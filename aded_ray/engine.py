@@ -35,13 +35,15 @@ class Engine:
         from aded_ray.paths import cache_dir
         from aded_ray.verify.budget import CostCurve, cached_cost_curve
         from aded_ray.verify.loading import load_tokenizer, resolve_model
-        from aded_ray.verify.modes import ROW_TOLERANCE, load_for_mode, row_independence
+        from aded_ray.verify.exactness import check_exactness, check_shapes
+        from aded_ray.verify.modes import load_for_mode
 
         self.config = cfg = config or EngineConfig()
         v = cfg.verify
         if v.threads:
             torch.set_num_threads(v.threads)
         self.device, self.mode = v.resolved_device(), v.resolved_mode()
+        self.widths = v.resolved_widths() if v.tp_size == 1 else []
         self.model_path = resolve_model(v.model)
         self.tokenizer = load_tokenizer(v.model)
         self.group = None
@@ -59,22 +61,30 @@ class Engine:
             from aded_ray.verify.target import TreeVerifier
 
             self.model = load_for_mode(v.model, self.mode, self.device)
-            self.make_verifier = lambda: TreeVerifier(self.model)
+            self.make_verifier = lambda: TreeVerifier(self.model, widths=self.widths)
         self.eos_ids = self._eos_ids()
-        diff, same = row_independence(self.make_verifier)
-        self.exact = same and diff <= ROW_TOLERANCE
-        if speculate and not self.exact:
-            log.warning("mode %s is not exact on this machine (k-token pass differs by %.3g from one-by-one): "
-                        "speculation disabled, plain decoding only", self.mode, diff)
-        self.speculate = speculate and self.exact and cfg.draft.method != "none" and cfg.draft.max_nodes > 0
+        self.max_nodes = cfg.draft.max_nodes if not self.widths else min(cfg.draft.max_nodes, self.widths[-1] - 1)
+        wanted = speculate and cfg.draft.method != "none" and self.max_nodes > 0
+        self.exactness = check_exactness(self.make_verifier, self.mode, check_shapes(self.widths, self.max_nodes),
+                                         vocab=min(len(self.tokenizer), 30000)) if wanted else None
+        self.exact = self.exactness is not None and self.exactness.exact
+        self.speculation_off_reason = None
+        if self.exactness is not None and not self.exact:
+            self.speculation_off_reason = f"not exact on this machine: {self.exactness.summary()}"
+        elif not speculate or cfg.draft.method == "none" or self.max_nodes <= 0:
+            self.speculation_off_reason = "turned off by configuration"
+        if self.exactness is not None and not self.exact:
+            log.error("SPECULATION DISABLED: verify mode %s on %s is not exact (%s); serving plain decoding only. "
+                      "Use mode fp32 for speculation.", self.mode, self.device, self.exactness.summary())
+        self.speculate = self.speculation_off_reason is None
         self.matrix = self._load_matrix(cfg.store, TrigramMatrix)
         self.drafter = self._make_drafter() if self.speculate else NoDraft()
         self.cost = None
         if self.speculate:
             mode_key = self.mode if v.tp_size == 1 else f"{self.mode}-tp{v.tp_size}"
+            mode_key += f"-{self.device}" + "".join(f"-w{w}" for w in self.widths)
             self.cost = (CostCurve(v.cost_curve) if v.cost_curve else
                          cached_cost_curve(self.make_verifier, str(self.model_path), mode_key, cache_dir() / "cost"))
-        self.max_nodes = cfg.draft.max_nodes
         self._lock = threading.Lock()
         self.budget = self._make_budget(v.budget)
 
@@ -91,7 +101,7 @@ class Engine:
         """Change the draft budget without a restart (takes effect at the next request)."""
         with self._lock:
             if max_nodes is not None:
-                self.max_nodes = int(max_nodes)
+                self.max_nodes = int(max_nodes) if not self.widths else min(int(max_nodes), self.widths[-1] - 1)
             if budget is None:
                 budget = "auto" if not isinstance(self.budget, FixedBudget) else self.budget.k
             self.budget = self._make_budget(budget)

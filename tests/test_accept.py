@@ -5,7 +5,7 @@ import torch
 from scipy.stats import chisquare
 
 from aded_ray.draft.tree import DraftTree
-from aded_ray.verify.accept import SamplingParams, accept, greedy_accept, target_probs
+from aded_ray.verify.accept import SamplingParams, accept, greedy_accept, reduce_rows, target_probs, uniforms
 
 
 def logits_for(rows, V=10):
@@ -41,22 +41,54 @@ def test_sampling_is_exact_at_root_and_at_a_drafted_node():
     V = 6
     logits = torch.randn(3, V) * 1.5               # rows: root, node 0 (token 2), node 1 (token 3, child of 0)
     tree = DraftTree([2, 3], [-1, 0])
-    p = SamplingParams(temperature=0.8, seed=1)
-    gen = torch.Generator().manual_seed(1)
     first, second = np.zeros(V), np.zeros(V)
     n = 20000
-    for _ in range(n):
-        path, bonus = accept(tree, logits, p, gen)
+    for seed in range(n):                          # one request per seed: its uniforms are independent
+        p = SamplingParams(temperature=0.8, seed=seed)
+        path, bonus = accept(tree, logits, p)
         emitted = [int(tree.tokens[i]) for i in path] + [bonus]
         first[emitted[0]] += 1
         if emitted[0] == 2:                          # after the drafted token 2 the target's row 1 applies
             second[emitted[1]] += 1
+    p = SamplingParams(temperature=0.8)
     p_root = target_probs(logits[0], p).numpy()
     p_node = target_probs(logits[1], p).numpy()
     assert chisquare(first, p_root * n).pvalue > 1e-3
     assert chisquare(second, p_node * second.sum()).pvalue > 1e-3
     # the biased best-of-rows rule would over-emit the drafted token; exactness keeps it at p_root[2]
     assert abs(first[2] / n - p_root[2]) < 0.02
+
+
+def test_seeded_sample_depends_on_the_output_position_not_on_the_tree():
+    """The token at output position j is decided by u(seed, j): with or without a tree, the same tokens."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50)
+    p = SamplingParams(temperature=1.0, seed=42)
+    tree = DraftTree([7, 8], [-1, 0])
+    alone = [int(reduce_rows(logits[r], p, positions=[5 + r]).tokens[0]) for r in range(3)]
+    batched = reduce_rows(logits, p, positions=[5, 6, 7]).tokens.tolist()
+    assert alone == batched
+    # walking the tree emits, position by position, exactly the row samples of the visited rows
+    tree = DraftTree([alone[0], 9], [-1, 0])
+    path, bonus = accept(tree, logits, p, position=5)
+    assert path[:1] == [0] and (bonus == alone[1] if len(path) == 1 else True)
+
+
+def test_uniforms_are_counter_based_and_uniform():
+    u = uniforms(7, np.arange(200_000))
+    assert ((0 <= u) & (u < 1)).all()
+    assert np.array_equal(uniforms(7, [3, 5]), u[[3, 5]])
+    assert not np.array_equal(uniforms(8, [3, 5]), u[[3, 5]])
+    hist = np.histogram(u, bins=20, range=(0, 1))[0]
+    assert chisquare(hist).pvalue > 1e-3
+
+
+def test_logits_rows_reduce_on_their_device_in_one_small_copy():
+    logits = torch.randn(5, 1000)
+    rows = reduce_rows(logits, SamplingParams(), top_k=8)
+    assert rows.tokens.tolist() == logits.argmax(-1).tolist()
+    assert rows.top_ids.shape == (5, 8) and (rows.top_ids[:, 0] == rows.tokens).all()
+    assert np.allclose(rows.top_p.sum(1), torch.softmax(logits, -1).topk(8).values.sum(1).numpy(), atol=1e-6)
 
 
 def test_top_k_and_top_p_filtering():
@@ -67,8 +99,9 @@ def test_top_k_and_top_p_filtering():
     assert pp[0].item() == pytest.approx(1.0)       # the top token alone already reaches 0.5 (0.64)
 
 
-@pytest.mark.parametrize("kw", [{"temperature": -1}, {"temperature": float("nan")}, {"top_p": 0},
-                                {"top_p": 1.5}, {"top_k": -2}])
+@pytest.mark.parametrize("kw", [{"temperature": -1}, {"temperature": float("nan")}, {"temperature": 5e-324},
+                                {"temperature": float("inf")}, {"top_p": 0}, {"top_p": float("nan")},
+                                {"top_p": 1.5}, {"top_k": -2}, {"seed": -1}, {"seed": 2**64}])
 def test_bad_sampling_params(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw)

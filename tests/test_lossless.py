@@ -141,11 +141,10 @@ def test_sampling_follows_target_at_root_and_drafted_position(model, tokenizer):
     v.prefill(ids)
     tree = DraftTree([child, int(torch.topk(probs_root, 2).indices[1])], [-1, -1])
     logits = v.forward_tree(root, tree)
-    gen = torch.Generator().manual_seed(0)
     n = 6000
     first, second = {}, {}
-    for _ in range(n):
-        path, bonus = accept(tree, logits, p, gen)
+    for seed in range(n):
+        path, bonus = accept(tree, logits, SamplingParams(temperature=1.0, top_k=8, seed=seed))
         emitted = [int(tree.tokens[i]) for i in path] + [bonus]
         first[emitted[0]] = first.get(emitted[0], 0) + 1
         if emitted[0] == child:

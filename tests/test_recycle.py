@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from aded_ray.decode import RECYCLE_K, recycle_predictions
+from aded_ray.verify.accept import SamplingParams, reduce_rows
 from aded_ray.draft import combine as C
 from aded_ray.draft.best import BestDrafter
 from aded_ray.draft.matrix import TrigramMatrix
@@ -84,7 +85,8 @@ def test_decode_loop_hands_over_root_and_node_predictions():
     logits = torch.full((4, 20), -10.0)
     for row, tok in enumerate([10, 12, 1, 2]):                    # row 0 = root, row i = node i - 1
         logits[row, tok] = 5.0
-    recycle_predictions(lambda *a: calls.append(a), [3, 4, 5], tree, logits)
+    rows = reduce_rows(logits, SamplingParams(), top_k=RECYCLE_K)
+    recycle_predictions(lambda *a: calls.append(a), [3, 4, 5], tree, rows)
     prev, inputs, ids, probs = calls[0]
     assert inputs.tolist() == [5, 10, 11, 12] and prev.tolist() == [4, 5, 5, 10]
     assert ids.shape == (4, RECYCLE_K) and ids[:, 0].tolist() == [10, 12, 1, 2]

@@ -1,31 +1,40 @@
 """Acceptance: which drafted nodes the target model agrees with, and the bonus token.
 
 Row 0 of ``logits`` belongs to the root, row i + 1 to tree node i; each row is the target's prediction for
-the token *after* that node.
+the token *after* that node. Acceptance is two parts:
 
-Greedy (lossless: identical to greedy decoding)::
+1. :func:`reduce_rows` decides, **on the logits' device**, the target's own choice for every row (its argmax
+   when greedy, a sample of its distribution when sampling) and, when asked, each row's top-k tokens and
+   probabilities (the drafter recycles them). Only these few numbers per row cross to the host, in one copy;
+   the ``[rows, vocab]`` logits never leave the device.
+2. :func:`walk` follows the tree from the root while the target's choice at the current row is a drafted
+   child; the first choice without a matching child is the bonus token::
 
-    cur = root; repeat: t = argmax(logits[cur]); if a child of cur has token t: cur = that child, accept it
-                                                 else: bonus = t, stop
+       cur = root; repeat: t = choice[cur]; if a child of cur has token t: cur = that child, accept it
+                                            else: bonus = t, stop
 
-Sampling (exact: the emitted tokens follow the target distribution alone). The target distribution is
-sampled at the root row; if a child carries the sampled token, the walk descends into it and samples its
-row, and so on; the first sample without a matching child is the bonus. Every emitted token is a plain
-sample from the target given the tokens before it; the tree only saves forward passes. (ADED's best-of-rows
-rule is biased and is not used.)
+Greedy is therefore identical to greedy decoding. Sampling is exact: every emitted token is the target's own
+sample given the tokens before it, and the tree only saves forward passes (ADED's best-of-rows rule is biased
+and is not used). The sample that decides the token at output position ``j`` uses the uniform number
+``u(seed, j)`` of a counter-based generator (:func:`uniforms`) by inverse-CDF, so a seeded request draws the
+same tokens whatever the trees, the batch or the device: seeded sampling with speculation reproduces seeded
+plain decoding token for token (up to the logits' own rounding, as for greedy).
 
-Worked example (tests/test_accept.py): tree tokens [5, 6, 7] with parents [-1, -1, 1]; argmax rows
-[6, 9, 7, 2] -> the root's argmax 6 is node 1, node 1's argmax 7 is node 2, node 2's argmax 2 has no child:
+Worked example (tests/test_accept.py): tree tokens [5, 6, 7] with parents [-1, -1, 1]; row choices
+[6, 9, 7, 2] -> the root's choice 6 is node 1, node 1's choice 7 is node 2, node 2's choice 2 has no child:
 accepted nodes [1, 2], bonus 2.
 """
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from aded_ray.draft.tree import DraftTree
+
+MIN_TEMPERATURE = 1e-4   # below this, logits / T overflow float64 ranges for real models: use 0 (greedy)
 
 
 @dataclass(frozen=True)
@@ -36,16 +45,102 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if not (self.temperature >= 0.0 and np.isfinite(self.temperature)):
-            raise ValueError(f"temperature {self.temperature} must be a finite number >= 0")
-        if not 0.0 < self.top_p <= 1.0:
+        t = self.temperature
+        if not (np.isfinite(t) and (t == 0.0 or MIN_TEMPERATURE <= t <= 100.0)):
+            raise ValueError(f"temperature {t} must be 0 (greedy) or a finite number in "
+                             f"[{MIN_TEMPERATURE}, 100]")
+        if not (np.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p {self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k {self.top_k} must be >= 0 (0 = off)")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed {self.seed} must be in [0, 2**63)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+# ---- counter-based uniforms: u(seed, position), vectorised, identical on every machine ----------------
+_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def uniforms(seed: int, positions) -> np.ndarray:
+    """``[len(positions)]`` float64 uniforms in [0, 1): splitmix64 of ``seed`` and each output position."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(positions, np.uint64) * _GOLD + np.uint64(seed & (2**64 - 1)) * _M2 + _GOLD
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def target_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The target distribution of each row (``[V]`` or ``[n, V]``) after temperature, top-k and top-p, in
+    float64 on the logits' device."""
+    x = logits.double() / p.temperature
+    if p.top_k and p.top_k < x.shape[-1]:
+        kth = torch.topk(x, p.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, -1)
+    if p.top_p < 1.0:
+        sp, si = torch.sort(probs, dim=-1, descending=True)
+        keep = torch.cumsum(sp, -1) - sp < p.top_p      # the smallest prefix reaching top_p, >= one token
+        mask = torch.zeros_like(keep).scatter_(-1, si, keep)
+        probs = torch.where(mask, probs, torch.zeros_like(probs))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample_rows(logits: torch.Tensor, p: SamplingParams, u: np.ndarray) -> torch.Tensor:
+    """Inverse-CDF sample of each row of ``[n, V]`` logits with the uniform ``u[i]`` (on the device)."""
+    cdf = torch.cumsum(target_probs(logits, p), -1)
+    uu = torch.as_tensor(u, dtype=torch.float64).to(cdf.device)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, uu, right=True)[:, 0].clamp_max(cdf.shape[-1] - 1)
+
+
+@dataclass
+class RowChoices:
+    """What one verification pass decided, on the host: per row the target's token, and optionally its
+    top-k tokens and probabilities (softmax of the raw logits)."""
+
+    tokens: np.ndarray                  # [n] int64
+    top_ids: np.ndarray | None = None   # [n, k] int64
+    top_p: np.ndarray | None = None     # [n, k] float32
+
+
+def row_depths(tree: DraftTree) -> np.ndarray:
+    """``[N + 1]`` depth of each row: 0 for the root, the node's depth after."""
+    return np.r_[0, tree.depths()].astype(np.int64)
+
+
+def reduce_rows(logits: torch.Tensor, p: SamplingParams, *, positions=None, top_k: int = 0) -> RowChoices:
+    """Decide every row of ``[n, V]`` logits on their device; one small copy to the host.
+
+    ``positions[i]`` is the output position the row's token would take (needed when sampling: it picks the
+    row's uniform). ``top_k`` > 0 also returns each row's top-k tokens and probabilities.
+    """
+    if logits.dim() == 1:
+        logits = logits[None]
+    n = logits.shape[0]
+    if p.greedy:
+        choice = logits.argmax(-1)
+    else:
+        if positions is None or len(positions) != n:
+            raise ValueError(f"sampling needs one output position per row ({n} rows)")
+        seed = p.seed if p.seed is not None else secrets.randbits(63)   # unseeded: fresh randomness
+        choice = sample_rows(logits, p, uniforms(seed, positions))
+    parts = [choice[:, None].double()]
+    if top_k:
+        lg = logits.float()
+        top, ids = lg.topk(top_k, dim=-1)
+        parts += [ids.double(), torch.exp(top - torch.logsumexp(lg, -1, keepdim=True)).double()]
+    host = torch.cat(parts, 1).cpu().numpy()      # the one device -> host copy of the step: n x (1 + 2k)
+    out = RowChoices(host[:, 0].astype(np.int64))
+    if top_k:
+        out.top_ids = host[:, 1:1 + top_k].astype(np.int64)
+        out.top_p = host[:, 1 + top_k:].astype(np.float32)
+    return out
 
 
 def _children(tree: DraftTree) -> dict[int, dict[int, int]]:
@@ -56,12 +151,12 @@ def _children(tree: DraftTree) -> dict[int, dict[int, int]]:
     return kids
 
 
-def greedy_accept(tree: DraftTree, argmax_rows: np.ndarray) -> tuple[list[int], int]:
-    """Accepted node indices (into the tree, in path order) and the bonus token, from per-row argmaxes."""
+def walk(tree: DraftTree, choices) -> tuple[list[int], int]:
+    """Accepted node indices (into the tree, in path order) and the bonus token, from per-row choices."""
     kids = _children(tree)
     row, path = 0, []
     while True:
-        t = int(argmax_rows[row])
+        t = int(choices[row])
         nxt = kids.get(row, {}).get(t)
         if nxt is None:
             return path, t
@@ -69,43 +164,10 @@ def greedy_accept(tree: DraftTree, argmax_rows: np.ndarray) -> tuple[list[int], 
         row = nxt
 
 
-def target_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The target distribution of one row after temperature, top-k and top-p (float64 for exact sums)."""
-    x = logits.double() / p.temperature
-    if p.top_k and p.top_k < x.shape[-1]:
-        kth = torch.topk(x, p.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, -1)
-    if p.top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sp, -1) - sp < p.top_p   # smallest prefix reaching top_p, at least one token
-        mask = torch.zeros_like(probs, dtype=torch.bool)
-        mask[si[keep]] = True
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
-        probs = probs / probs.sum()
-    return probs
+greedy_accept = walk   # greedy acceptance is the walk over per-row argmaxes
 
 
-def sample_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    return int(torch.multinomial(target_probs(logits, p), 1, generator=gen))
-
-
-def sample_accept(tree: DraftTree, logits: torch.Tensor, p: SamplingParams,
-                  gen: torch.Generator | None) -> tuple[list[int], int]:
-    """Exact speculative sampling over a tree: walk while the target's own sample is a drafted child."""
-    kids = _children(tree)
-    row, path = 0, []
-    while True:
-        t = sample_token(logits[row], p, gen)
-        nxt = kids.get(row, {}).get(t)
-        if nxt is None:
-            return path, t
-        path.append(nxt - 1)
-        row = nxt
-
-
-def accept(tree: DraftTree, logits: torch.Tensor, p: SamplingParams,
-           gen: torch.Generator | None = None) -> tuple[list[int], int]:
-    if p.greedy:
-        return greedy_accept(tree, logits.argmax(-1).cpu().numpy())
-    return sample_accept(tree, logits, p, gen)
+def accept(tree: DraftTree, logits: torch.Tensor, p: SamplingParams, position: int = 0) -> tuple[list[int], int]:
+    """Accept over one pass whose root row decides output position ``position``."""
+    rows = reduce_rows(logits, p, positions=position + row_depths(tree))
+    return walk(tree, rows.tokens)

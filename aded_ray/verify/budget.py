@@ -71,9 +71,14 @@ class AdaptiveBudget:
         self.steps = 0
         self.last = self.best()
 
+    def accepted(self, b: int) -> float:
+        """Expected accepted nodes at budget ``b``: never below a smaller budget's (a tree truncated to fewer
+        nodes is a part of the larger one), so a stale or noisy estimate cannot pin the budget small."""
+        return max(self.acc[g] for g in self.grid if g <= b)
+
     def expected_rate(self, b: int) -> float:
         """Expected committed tokens per ms at budget ``b``."""
-        return (1.0 + self.acc[b]) / (self.cost(b + 1) + (self.draft_ms if b else 0.0))
+        return (1.0 + self.accepted(b)) / (self.cost(b + 1) + (self.draft_ms if b else 0.0))
 
     def best(self) -> int:
         return max(self.grid, key=self.expected_rate)
@@ -92,11 +97,12 @@ class AdaptiveBudget:
         """Record a verified step drafted with ``budget``: accepted node indices ``path`` (increasing).
 
         For every grid budget b <= ``budget`` the same tree truncated to b nodes would have accepted the
-        path entries below b (when the drafter returned fewer than b nodes, the truncation changes nothing).
+        path entries below b. When the drafter returned fewer nodes than it was allowed (it ran out of
+        candidates), a larger budget would have drafted the same tree: every larger b learns the same count.
         """
         p = np.asarray(path, np.int64)
         for b in self.grid:
-            if b == 0 or b > budget:
+            if b == 0 or (b > budget and n_nodes >= budget):
                 continue
             got = int(np.sum(p < b))
             self.acc[b] += self.decay * (got - self.acc[b]) if self.seen[b] else (got - self.acc[b])
@@ -126,6 +132,15 @@ def machine_key() -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
+def sync(verifier) -> None:
+    """Wait for the verifier's device: CUDA calls return before the GPU has finished."""
+    import torch
+
+    dev = getattr(verifier, "device", None)
+    if dev is not None and torch.device(dev).type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def measure_cost_curve(model, ks=(1, 2, 4, 8, 16, 32, 64), cache_len: int = 128, reps: int = 5) -> CostCurve:
     """Median ms of a k-token tree pass (a chain) over a ``cache_len``-token prefix, for each k.
 
@@ -145,8 +160,10 @@ def measure_cost_curve(model, ks=(1, 2, 4, 8, 16, 32, 64), cache_len: int = 128,
             tree = DraftTree(np.arange(2000, 2000 + k - 1), np.arange(-1, k - 2))
             ts = []
             for _ in range(reps):
+                sync(v)
                 t = time.perf_counter()
                 v.forward_tree(5, tree)
+                sync(v)
                 ts.append(time.perf_counter() - t)
                 v.commit([])  # drop the step: the prefix stays cache_len long
             out[k] = round(1000 * float(np.median(ts)), 2)

@@ -8,8 +8,13 @@
 | ``bf16-packed`` | bf16, pre-packed for oneDNN (CPU only)  | no (plain decoding only)                   |
 | ``fp16``      | eager fp16 (GPUs)                         | checked at start-up                        |
 
-"Exact" is measured, not assumed: :func:`row_independence` compares an 8-token pass with the same tokens fed
-one at a time. A mode that fails the check may still serve plain decoding, never speculation.
+"Exact" is measured, not assumed: :mod:`aded_ray.verify.exactness` compares tree passes of the shapes the loop
+uses with plain decoding at start-up. A mode that fails it may still serve plain decoding, never speculation.
+
+On CUDA the default mode is ``fp32`` with TF32 off (fp32 matmuls in full precision: TF32 rounds inputs to
+10 mantissa bits, which makes rows depend on the kernel a pass happens to pick). A mode the hardware cannot
+run (packing on a GPU, bf16 packing on a CPU without AVX-512 BF16/AVX-NE-CONVERT, CUDA absent) raises
+``ValueError`` naming the mode, so commands skip it with a note instead of crashing.
 """
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ import torch
 
 MODES = ("fp32", "fp32-packed", "bf16", "bf16-packed", "fp16")
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-ROW_TOLERANCE = 1e-3
 
 
 class PackedLinear(torch.nn.Module):
@@ -55,8 +59,27 @@ def load_for_mode(model: str | None, mode: str, device: str = "cpu"):
         raise ValueError(f"mode {mode!r} is CPU-only (oneDNN packing); device is {device!r}")
     if packed and not torch.backends.mkldnn.is_available():
         raise ValueError(f"mode {mode!r} needs oneDNN (mkldnn), which this torch build lacks")
-    lm = load_model(model, dtype=_DTYPES[mode.split("-")[0]], device=device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    dtype = _DTYPES[mode.split("-")[0]]
+    if packed:
+        probe_packed(dtype)
+    if device.startswith("cuda") and dtype == "float32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    lm = load_model(model, dtype=dtype, device=device)
     return pack_linears(lm) if packed else lm
+
+
+def probe_packed(dtype: str) -> None:
+    """Run one tiny pre-packed linear in ``dtype``: oneDNN refuses bf16 on CPUs without the instructions."""
+    lin = torch.nn.Linear(32, 32).to(getattr(torch, dtype))
+    try:
+        with torch.inference_mode():
+            PackedLinear(lin)(torch.ones(2, 32, dtype=lin.weight.dtype))
+    except RuntimeError as e:
+        raise ValueError(f"mode {dtype}-packed is not supported by this CPU ({str(e).splitlines()[0][:160]})") \
+            from None
 
 
 def verifier_factory(model_or_factory):
@@ -66,26 +89,3 @@ def verifier_factory(model_or_factory):
 
         return lambda: TreeVerifier(model_or_factory)
     return model_or_factory
-
-
-@torch.inference_mode()
-def row_independence(model, n: int = 8, prefix: int = 48) -> tuple[float, bool]:
-    """Max |logit difference| between one n-token pass and the same tokens one by one, and argmax equality.
-
-    ``model`` is a model or a verifier factory (e.g. a tensor-parallel group's)."""
-    import numpy as np
-
-    from aded_ray.draft.tree import DraftTree
-
-    v = verifier_factory(model)()
-    ids = [(1000 + 37 * i) % 40000 for i in range(prefix)]
-    toks = [(2000 + 91 * i) % 40000 for i in range(n)]
-    v.prefill(ids)
-    block = v.forward_tree(toks[0], DraftTree(np.array(toks[1:]), np.arange(-1, n - 2)))
-    v.prefill(ids)
-    rows = []
-    for t in toks:
-        rows.append(v.forward_tree(t, DraftTree())[0])
-        v.commit([0])
-    rows = torch.stack(rows)
-    return float((block - rows).abs().max()), bool((block.argmax(-1) == rows.argmax(-1)).all())

@@ -8,6 +8,14 @@ Attention inside the step: every new token sees the whole prefix; inside the blo
 its ancestors and itself (``tree.ancestor_mask(include_root=True)``); position ids are ``L + depth``.
 The mask is additive, in the model dtype (0 = attend, dtype-min = blocked), which sdpa and eager both
 honour (a bool mask is silently wrong with eager attention).
+
+Fixed widths (``widths``, e.g. ``(64,)``): every pass after the prefill, plain or speculative, is padded to
+the smallest width that holds it (pad tokens sit after the real ones, are masked from every real row and
+are dropped at commit). The matrix kernels a token meets then depend on the width alone, never on the
+tree or on whether the step drafted: on a GPU, where a pass of 1 and of 64 tokens cost the same, this
+removes the row-count dependence of half-precision GEMMs and gives the captured-graph issue its fixed
+shapes. Without widths a pass has exactly root + tree tokens (the CPU default: there a pass's cost grows
+with its tokens).
 """
 from __future__ import annotations
 
@@ -75,10 +83,13 @@ def _growable_layer_class():
 class TreeVerifier:
     """One request's view of a causal LM: its KV cache and the committed length."""
 
-    def __init__(self, model):
+    def __init__(self, model, widths=()):
         from transformers import DynamicCache
 
         self.model = model
+        self.widths = tuple(sorted(int(w) for w in widths))
+        if any(w < 1 for w in self.widths):
+            raise ValueError(f"widths {widths} must be positive token counts")
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._cache_cls = DynamicCache
@@ -103,26 +114,40 @@ class TreeVerifier:
         self.length = len(ids)
         return out.logits[0, -1].float()
 
+    def width_for(self, n: int) -> int:
+        """Tokens in the pass that carries ``n`` real tokens (``n`` itself without fixed widths)."""
+        if not self.widths:
+            return n
+        for w in self.widths:
+            if w >= n:
+                return w
+        raise ValueError(f"a pass of {n} tokens exceeds the largest fixed width {self.widths[-1]}")
+
     @torch.inference_mode()
     def forward_tree(self, root: int, tree: DraftTree) -> torch.Tensor:
-        """Logits ``[N + 1, V]`` (float32) for root + tree nodes; appends N + 1 KV entries."""
+        """Logits ``[N + 1, V]`` (float32, on the model's device) for root + tree nodes; appends the pass's
+        entries to the KV cache (N + 1, plus padding under fixed widths; :meth:`commit` drops the rest)."""
         L, n = self.length, len(tree) + 1
-        tokens = np.empty(n, np.int64)
-        tokens[0] = root
-        tokens[1:] = tree.tokens
-        pos = np.zeros(n, np.int64)
-        pos[1:] = tree.depths()
+        w = self.width_for(n)
+        tokens = np.full(w, root, np.int64)
+        tokens[1:n] = tree.tokens
+        pos = np.full(w, L, np.int64)
+        pos[1:n] += tree.depths()
         x = torch.from_numpy(tokens).to(self.device)[None]
-        position_ids = torch.from_numpy(pos + L).to(self.device)[None]
+        position_ids = torch.from_numpy(pos).to(self.device)[None]
         kwargs = {}
-        if n > 1:
-            allow = torch.ones(n, L + n, dtype=torch.bool)
-            allow[:, L:] = torch.from_numpy(ancestor_mask(tree.parents, include_root=True))
-            mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(~allow, torch.finfo(self.dtype).min)
+        if w > 1:
+            allow = np.zeros((w, L + w), bool)
+            allow[:, :L] = True                                       # everyone sees the committed prefix
+            allow[:n, L:L + n] = ancestor_mask(tree.parents, include_root=True)
+            pad = np.arange(n, w)
+            allow[pad, L + pad] = True                                # padding rows see the prefix and themselves
+            mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(torch.from_numpy(~allow),
+                                                                           torch.finfo(self.dtype).min)
             kwargs["attention_mask"] = mask.to(self.device)[None, None]
         out = self.model(input_ids=x, position_ids=position_ids, cache=self.cache, use_cache=True,
                          **kwargs)
-        return out.logits[0].float()
+        return out.logits[0, :n].float()
 
     @torch.inference_mode()
     def commit(self, keep) -> None:

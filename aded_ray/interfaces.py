@@ -1,0 +1,58 @@
+"""The seams of the decode step, written down: what a drafter, a verifier and a budget must provide.
+
+The decode loop (:mod:`aded_ray.decode`) and the engine use these alone, so a fake verifier (literal logits)
+or a fake drafter can drive them in unit tests, and the in-process verifier and the tensor-parallel group's
+are interchangeable.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from aded_ray.draft.tree import DraftTree
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    def observe(self, seq: np.ndarray) -> None:
+        """The committed tokens of the request so far (the adaptive update sees verified tokens only)."""
+
+    def draft(self, seq: np.ndarray, max_nodes: int | None = None) -> DraftTree:
+        """A breadth-first tree of at most ``max_nodes`` nodes below the last token of ``seq``."""
+
+
+@runtime_checkable
+class RecyclingDrafter(Drafter, Protocol):
+    def observe_logits(self, prev: np.ndarray, inputs: np.ndarray, top_ids: np.ndarray,
+                       top_p: np.ndarray) -> None:
+        """The model's top-k next tokens (``[rows, k]`` ids and probabilities, on the host) after each input
+        token ``inputs[i]`` whose previous token is ``prev[i]``."""
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """One request's view of the target model and its KV cache (committed tokens only between steps)."""
+
+    length: int
+
+    def prefill(self, ids: Sequence[int]):
+        """Run the prompt; ``[V]`` logits (a tensor on the model's device) for the position after it."""
+
+    def forward_tree(self, root: int, tree: DraftTree):
+        """``[N + 1, V]`` logits on the model's device for the root and every node."""
+
+    def commit(self, keep: Sequence[int]) -> None:
+        """Keep the step's entries ``keep`` (0 = root, i + 1 = node i, in path order), drop the rest."""
+
+
+@runtime_checkable
+class Budget(Protocol):
+    def choose(self) -> int:
+        """Draft nodes for the next step (0 = a plain step)."""
+
+    def observe(self, budget: int, n_nodes: int, path: list[int]) -> None:
+        """A verified step drafted with ``budget``: ``n_nodes`` drafted, ranks of the accepted nodes."""
+
+    def observe_cost(self, n_tokens: int, ms: float) -> None:
+        """A pass of ``n_tokens`` tokens took ``ms`` (synchronised)."""
