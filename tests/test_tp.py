@@ -1,4 +1,5 @@
-"""DeepSpeed AutoTP verification on CPU (gloo, tp_size = 2): exactness, and a rank killed mid-request."""
+"""DeepSpeed AutoTP verification on CPU (gloo, tp_size = 2): exactness, a rank killed mid-request, each rank
+holding only its shard."""
 import os
 import threading
 import time
@@ -127,3 +128,31 @@ def test_serve_app_with_tp2_and_replica_replacement(ray_local, store, tmp_path):
         assert ok is not None and ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == ref
     finally:
         serve.shutdown()
+
+
+def test_each_rank_holds_its_shard(ray_local, model):
+    """tp_size = 2 on CPU (gloo): every nn.Linear of the model (lm_head included) is split between the ranks
+    without overlap, everything else (embeddings, norms) is replicated. So the ranks' weight counts add up
+    to exactly 2 x replicated + linear (an unsharded rank would hold the whole model), and each rank holds
+    about half of the linear weights: SmolLM2's 3 KV heads split 2 + 1 and the hidden size splits 320 + 256
+    (64-aligned), so the halves are 54.5 % / 45.5 %, inside the 40-60 % bound."""
+    import torch
+
+    from aded_ray.tp.group import TPGroup, weight_count
+
+    def own(kind):
+        return {id(p): p for m in model.modules() if isinstance(m, torch.nn.Linear) == kind
+                for p in m.parameters(recurse=False)}
+
+    linear = sum(p.numel() for p in own(True).values())          # lm_head counted, though tied to the embedding
+    replicated = sum(p.numel() for p in own(False).values())     # embedding, norms
+    assert linear + replicated > weight_count(model)             # the tie: lm_head is counted twice here
+    group = TPGroup(tp_size=2, device="cpu", step_timeout_s=120)
+    try:
+        counts = group.param_counts()
+    finally:
+        group.shutdown()
+    print(f"linear {linear}, replicated {replicated}, per rank {counts}")
+    assert sum(counts) == 2 * replicated + linear
+    for c in counts:
+        assert 0.4 * linear <= c - replicated <= 0.6 * linear

@@ -9,6 +9,22 @@ fails its health check and Serve replaces it with a fresh group.
 
 On CPU the collectives use gloo (DeepSpeed's CPU accelerator, with its shared-memory all-reduce, which
 needs ``LOCAL_SIZE``); on GPUs, NCCL. Selected by ``device``, never by editing code.
+
+Devices and loading (see :func:`rank_env`):
+
+* GPU: Ray gives each rank actor one GPU and sets ``CUDA_VISIBLE_DEVICES`` to it, so inside the actor that
+  GPU is device 0 whatever the rank. ``LOCAL_RANK`` is therefore ``0`` (DeepSpeed passes it to
+  ``set_device`` and to ``init_process_group(device_id=...)``; ``LOCAL_RANK = rank`` would name a device
+  the actor cannot see), and ``LOCAL_SIZE``/``LOCAL_WORLD_SIZE`` are ``1`` (one visible device).
+* CPU: ``LOCAL_RANK = rank`` and ``LOCAL_SIZE = world``: all ranks share the host, and DeepSpeed's
+  shared-memory all-reduce sizes its buffers from ``LOCAL_SIZE``.
+* Every rank loads the model on the CPU and hands that module to ``deepspeed.init_inference``. In
+  DeepSpeed 0.19.8 the AutoTP replacement runs before the engine moves the module to the accelerator:
+  each replaced linear layer slices its weight and moves only its slice to
+  ``get_accelerator().current_device_name()`` (``TensorParallel_Layer.move``, the default
+  ``keep_module_on_host=False``); the engine then moves what is left (embeddings, norms: replicated) with
+  ``module.to(device)``. So a GPU receives its shard plus the replicated layers, never the whole model.
+  The host holds the full model per rank while it is sharded (freed slice by slice).
 """
 from __future__ import annotations
 
@@ -20,14 +36,42 @@ import numpy as np
 from aded_ray.draft.tree import DraftTree
 
 
+def rank_env(rank: int, world: int, master_port: int, device: str) -> dict[str, str]:
+    """The environment one rank sets before DeepSpeed starts (torch.distributed ``env://`` variables).
+
+    ``device`` ``"cpu"``: ``LOCAL_RANK = rank``, ``LOCAL_SIZE = LOCAL_WORLD_SIZE = world`` (the shared-memory
+    all-reduce of DeepSpeed's CPU accelerator needs every local rank). Otherwise (CUDA): each rank's actor
+    sees only the GPU Ray assigned to it, so ``LOCAL_RANK = 0`` and ``LOCAL_SIZE = LOCAL_WORLD_SIZE = 1``.
+    """
+    cpu = device == "cpu"
+    local_rank, local_size = (rank, world) if cpu else (0, 1)
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
+            "LOCAL_SIZE": str(local_size), "LOCAL_WORLD_SIZE": str(local_size), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(master_port), "DS_ACCELERATOR": "cpu" if cpu else "cuda", "HF_HUB_OFFLINE": "1"}
+
+
+def _weights(module) -> list:
+    """The distinct tensors of ``module``'s state dict (parameters and persistent buffers; a tied weight
+    once). Non-persistent buffers (e.g. rotary ``inv_freq``) are derived values, not weights."""
+    seen, out = set(), []
+    for t in module.state_dict(keep_vars=True).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def weight_count(module) -> int:
+    """Number of weight elements ``module`` holds: a tied weight counts once (see :func:`_weights`)."""
+    return sum(t.numel() for t in _weights(module))
+
+
 class RankWorker:
     """One tensor-parallel rank (instantiated as a Ray actor by :class:`TPGroup`)."""
 
     def __init__(self, rank: int, world: int, master_port: int, model: str | None, dtype: str, device: str,
                  threads: int, cache_dir: str | None):
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
-                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
-                          DS_ACCELERATOR="cpu" if device == "cpu" else "cuda", HF_HUB_OFFLINE="1")
+        os.environ.update(rank_env(rank, world, master_port, device))
         if cache_dir:
             os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(cache_dir, "torch_extensions"))
         import deepspeed
@@ -37,8 +81,13 @@ class RankWorker:
         from aded_ray.verify.target import TreeVerifier
 
         torch.set_num_threads(threads)
+        if device != "cpu":
+            if torch.cuda.device_count() < 1:
+                raise RuntimeError(f"rank {rank}: no visible GPU (CUDA_VISIBLE_DEVICES="
+                                   f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); the actor needs num_gpus=1")
+            torch.cuda.set_device(0)         # the one GPU Ray gave this actor
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
-        lm = load_model(model, dtype=dtype, device="cpu" if device == "cpu" else "cuda")
+        lm = load_model(model, dtype=dtype, device="cpu")      # full model on the host only; see module doc
         engine = deepspeed.init_inference(lm, tensor_parallel={"tp_size": world}, dtype=getattr(torch, dtype),
                                           replace_with_kernel_inject=False)
         self.model = engine.module.eval()
@@ -47,6 +96,14 @@ class RankWorker:
 
     def ready(self) -> int:
         return self.rank
+
+    def param_count(self) -> int:
+        """Number of weight elements this rank holds (see :func:`weight_count`)."""
+        return weight_count(self.model)
+
+    def weight_devices(self) -> list[str]:
+        """The distinct devices of this rank's weights (e.g. ``['cuda:0']``)."""
+        return sorted({str(t.device) for t in _weights(self.model)})
 
     def prefill(self, ids):
         out = self.verifier.prefill(ids)
@@ -133,6 +190,12 @@ class TPGroup:
         except Exception as e:  # noqa: BLE001
             self.broken = f"health check: {type(e).__name__}"
             return False
+
+    def param_counts(self) -> list[int]:
+        """Weight elements held by each rank, in rank order (:meth:`RankWorker.param_count`)."""
+        import ray
+
+        return ray.get([r.param_count.remote() for r in self.ranks], timeout=self.step_timeout_s)
 
     def verifier(self) -> "TPVerifier":
         return TPVerifier(self)
