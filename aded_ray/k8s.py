@@ -4,6 +4,10 @@ The RayService's ``serveConfigV2`` is the local Serve config with the few settin
 (``K8S_APP_ARGS`` / ``K8S_DEPLOYMENT``): GPUs per replica, autoscaling, the proxy listening on all
 interfaces, no local Redis URL (it comes from the pod environment). ``aded k8s`` rewrites the manifest;
 tests/test_k8s.py fails when the committed manifest and a fresh render differ.
+
+Two images: the head (no replicas) and any CPU-only group run the CPU image (``Dockerfile``); a group whose
+pods request ``nvidia.com/gpu`` runs the CUDA image (``Dockerfile.cuda``, a CUDA build of the same torch pin).
+Pods stop by draining, not by ``ray stop``: see ``DRAIN_S``.
 """
 from __future__ import annotations
 
@@ -13,11 +17,20 @@ from pathlib import Path
 import yaml
 
 RAY_VERSION = "2.60.0"
-IMAGE = "aded-ray:0.1.0"          # built from the repository's Dockerfile
+IMAGE = "aded-ray:0.1.0"          # built from the repository's Dockerfile (CPU torch)
+IMAGE_CUDA = "aded-ray:0.1.0-cu128"   # built from Dockerfile.cuda (CUDA 12.8 torch), for GPU pods
+GPU = "nvidia.com/gpu"
 K8S_APP_ARGS = {"num_gpus": 1, "num_cpus": 4, "tp_size": 1, "redis_url": None, "num_replicas": "auto"}
 K8S_DEPLOYMENT = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2},
                   "graceful_shutdown_timeout_s": 120}
 GRACE_S = 180                      # pod termination grace: longer than the longest generation + drain
+# On SIGTERM, `ray start --block` (the container's main process) marks its node draining in the GCS and waits up
+# to $RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (Ray's default: 30 s) before killing its processes. Serve then
+# starts replacements elsewhere and stops the node's replicas gracefully (graceful_shutdown_timeout_s), at the
+# latest at deadline - graceful_shutdown_timeout_s; so the drain must outlast Serve's graceful shutdown and end
+# before the pod's grace period does (then SIGKILL). No preStop hook: `ray stop` there killed the replicas
+# before SIGTERM was even sent, and a sleep would only postpone the drain inside the same grace period.
+DRAIN_S = GRACE_S - 15
 
 
 def serve_config(local: dict) -> dict:
@@ -32,9 +45,15 @@ def serve_config(local: dict) -> dict:
     return cfg
 
 
+def image_for(resources: dict) -> str:
+    """The CUDA image for a container that requests GPUs, the CPU image otherwise."""
+    wants_gpu = any(int(r.get(GPU, 0)) > 0 for r in (resources.get("limits", {}), resources.get("requests", {})))
+    return IMAGE_CUDA if wants_gpu else IMAGE
+
+
 def _container(name: str, resources: dict, ports: list, env: list | None = None) -> dict:
-    c = {"name": name, "image": IMAGE, "imagePullPolicy": "IfNotPresent", "resources": resources, "ports": ports,
-         "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}}}
+    c = {"name": name, "image": image_for(resources), "imagePullPolicy": "IfNotPresent", "resources": resources,
+         "ports": ports}
     if env:
         c["env"] = env
     return c
@@ -45,6 +64,7 @@ def rayservice(local: dict) -> dict:
         {"name": "ADED_REDIS_URL", "value": "redis://aded-redis:6379/0"},
         {"name": "ADED_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "aded-redis", "key": "password"}}},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": str(DRAIN_S)},
     ]
     metrics = {"containerPort": 8080, "name": "metrics"}
     head = {
@@ -65,10 +85,9 @@ def rayservice(local: dict) -> dict:
         "rayStartParams": {"num-gpus": str(tp), "metrics-export-port": "8080"},
         "template": {"spec": {
             "terminationGracePeriodSeconds": GRACE_S,
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            "containers": [_container("ray-worker", {"limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": str(tp)},
-                                                     "requests": {"cpu": "8", "memory": "32Gi",
-                                                                  "nvidia.com/gpu": str(tp)}},
+            "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
+            "containers": [_container("ray-worker", {"limits": {"cpu": "8", "memory": "32Gi", GPU: str(tp)},
+                                                     "requests": {"cpu": "8", "memory": "32Gi", GPU: str(tp)}},
                                       [{"containerPort": 8000, "name": "serve"}, metrics], env)]}},
     }
     return {
