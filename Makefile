@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-stamp
 CACHE := $(or $(ADED_CACHE_DIR),$(HOME)/.cache/aded_ray)
 STORE ?= $(CACHE)/stores/sharegpt.tri
 
-.PHONY: setup redis-server test test-fast serve store authors-index traces bench-draft bench bench-store clean
+.PHONY: setup redis-server test test-fast serve store authors-index traces bench-draft bench bench-store gpu-prepare gpu-check clean
 
 setup: $(STAMP) redis-server
 
@@ -63,6 +63,14 @@ bench-store: setup
 bench: setup
 	@test -f $(STORE) || $(MAKE) --no-print-directory store
 	$(VENV)/bin/aded bench --out-dir results
+
+# The device checks in one command (README "GPU check"): on a GPU machine after `make gpu-prepare` here and the
+# two device calls; here it runs the same steps small, on CPU.
+gpu-prepare: setup
+	bash scripts/gpu-prepare.sh
+
+gpu-check:
+	bash scripts/gpu-check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

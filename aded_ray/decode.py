@@ -31,7 +31,7 @@ import numpy as np
 
 from aded_ray.draft.tree import DraftTree
 from aded_ray.interfaces import Budget, Drafter, Verifier
-from aded_ray.verify.accept import RowChoices, SamplingParams, reduce_rows, row_depths, walk
+from aded_ray.verify.accept import RowChoices, SamplingParams, reduce_batch, reduce_rows, row_depths, walk
 
 
 RECYCLE_K = 8
@@ -91,7 +91,7 @@ class FixedBudget:
     def __init__(self, k: int = 64):
         self.k = k
 
-    def choose(self) -> int:
+    def choose(self, batch: int = 1) -> int:
         return self.k
 
     def observe(self, budget: int, n_nodes: int, path: list[int]) -> None:
@@ -175,3 +175,88 @@ def generate_ids(verifier: Verifier, drafter: Drafter, prompt_ids, *, max_new_to
             return
         yield out
         root = bonus
+
+
+# ---- the same step for many requests at once (the scheduler's; aded_ray/scheduler.py) -----------------
+@dataclass
+class RequestState:
+    """One running request inside the batched loop."""
+
+    prompt_ids: list
+    max_new_tokens: int
+    sampling: SamplingParams
+    eos: frozenset
+    drafter: Drafter                  # its own session of the process drafter (or a plain NoDraft)
+    max_nodes: int                    # its cap on tree size (0: never speculate)
+    stats: GenerationStats
+    committed: list = None
+    root: int = -1
+    produced: int = 0
+    finish: str | None = None
+
+    def start(self, rows: RowChoices) -> list[int]:
+        """The prompt is in the cache and ``rows`` decided its first token: commit (and emit) it as the
+        first root. Each step then emits the accepted nodes and the bonus, the next root, at once."""
+        self.committed = [int(t) for t in self.prompt_ids]
+        recycle = getattr(self.drafter, "observe_logits", None)
+        if recycle is not None:
+            recycle_predictions(recycle, self.committed, DraftTree(), rows)
+        self.root = int(rows.tokens[0])
+        return self._emit([self.root])
+
+    def _emit(self, tokens: list[int]) -> list[int]:
+        """Commit ``tokens`` (root first, then accepted nodes) up to EOS or the limit; the emitted ones."""
+        out = []
+        for t in tokens:
+            self.committed.append(t)
+            self.produced += 1
+            self.stats.emitted += 1
+            out.append(t)
+            if t in self.eos or self.produced >= self.max_new_tokens:
+                self.finish = "stop" if t in self.eos else "length"
+                self.stats.finish_reason = self.finish
+                break
+        return out
+
+
+def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECYCLE_K) -> list[list[int]]:
+    """One speculative step for every running request (slot r = ``states[r]``), one forward pass in all:
+    draft per request (budget chosen for the batch size, capped per request), verify all trees together,
+    accept per request, compact each request's KV, recycle. Returns the tokens each request emitted."""
+    t0 = time.perf_counter()
+    b = budget.choose(len(states))
+    trees = []
+    for st in states:
+        seq = np.asarray(st.committed, np.int32)
+        st.drafter.observe(seq)
+        k = min(b, st.max_nodes)
+        trees.append(st.drafter.draft(seq, k) if k > 0 else DraftTree())
+    t1 = time.perf_counter()
+    logits = kv.forward_trees([st.root for st in states], trees)
+    counts = [len(t) + 1 for t in trees]
+    rows = reduce_batch(logits, [st.sampling for st in states],
+                        [st.produced + row_depths(t) for st, t in zip(states, trees)], counts, top_k=top_k)
+    width = logits.shape[1]
+    del logits
+    walks = [walk(t, r.tokens) for t, r in zip(trees, rows)]
+    kv.commit([[0] + [i + 1 for i in path] for path, _ in walks])
+    t2 = time.perf_counter()
+    budget.observe_cost(len(states) * width, 1000 * (t2 - t1))
+    out = []
+    for st, tree, r, (path, bonus) in zip(states, trees, rows, walks):
+        recycle = getattr(st.drafter, "observe_logits", None)
+        if recycle is not None and top_k:
+            recycle_predictions(recycle, st.committed, tree, r)
+        s = st.stats
+        s.steps += 1
+        s.draft_s += (t1 - t0) / len(states)
+        s.verify_s += t2 - t1
+        if len(tree):
+            s.drafts += 1
+            s.draft_tokens += len(tree)
+            s.accepted_tokens += len(path)
+            ranks = tree.ranks()
+            budget.observe(min(b, st.max_nodes), len(tree), [int(ranks[i]) for i in path])
+        out.append(st._emit([int(tree.tokens[i]) for i in path] + [bonus]))   # the bonus: next root
+        st.root = bonus
+    return out

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from aded_ray.config import EngineConfig
-from aded_ray.decode import FixedBudget, GenerationStats, NoDraft, generate_ids
+from aded_ray.decode import FixedBudget, GenerationStats, NoDraft
 from aded_ray.verify.accept import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Engine:
                       "Use mode fp32 for speculation.", self.mode, self.device, self.exactness.summary())
         self.speculate = self.speculation_off_reason is None
         self.matrix = self._load_matrix(cfg.store, TrigramMatrix)
-        self.drafter = self._make_drafter() if self.speculate else NoDraft()
+        self._drafter = self._make_drafter() if self.speculate else NoDraft()
         self.cost = None
         if self.speculate:
             mode_key = self.mode if v.tp_size == 1 else f"{self.mode}-tp{v.tp_size}"
@@ -86,7 +86,33 @@ class Engine:
             self.cost = (CostCurve(v.cost_curve) if v.cost_curve else
                          cached_cost_curve(self.make_verifier, str(self.model_path), mode_key, cache_dir() / "cost"))
         self._lock = threading.Lock()
-        self.budget = self._make_budget(v.budget)
+        from aded_ray.scheduler import Scheduler
+        from aded_ray.verify.batch import BatchKV, SerialKV
+
+        kv = (SerialKV(self.make_verifier) if self.group is not None or cfg.max_batch == 1 and not self.widths
+              else BatchKV(self.model, prefill_chunk=cfg.prefill_chunk, widths=self.widths))
+        self.scheduler = Scheduler(kv, self.drafter if self.speculate else None, self._make_budget(v.budget),
+                                   self.eos_ids, max_batch=cfg.max_batch, max_waiting=cfg.max_waiting,
+                                   default_max_nodes=self.max_nodes)
+
+    # the drafter and the budget live in the scheduler (benchmarks swap them between runs)
+    @property
+    def budget(self):
+        return self.scheduler.budget
+
+    @budget.setter
+    def budget(self, value) -> None:
+        self.scheduler.budget = value
+
+    @property
+    def drafter(self):
+        return self._drafter
+
+    @drafter.setter
+    def drafter(self, value) -> None:
+        self._drafter = value
+        if hasattr(self, "scheduler"):
+            self.scheduler.drafter = value if self.speculate else None
 
     def _make_budget(self, budget):
         from aded_ray.verify.budget import AdaptiveBudget
@@ -98,10 +124,11 @@ class Engine:
         return FixedBudget(min(int(budget), self.max_nodes))
 
     def reconfigure(self, *, max_nodes: int | None = None, budget=None) -> None:
-        """Change the draft budget without a restart (takes effect at the next request)."""
+        """Change the draft budget without a restart (takes effect at the next step / request)."""
         with self._lock:
             if max_nodes is not None:
                 self.max_nodes = int(max_nodes) if not self.widths else min(int(max_nodes), self.widths[-1] - 1)
+                self.scheduler.default_max_nodes = self.max_nodes
             if budget is None:
                 budget = "auto" if not isinstance(self.budget, FixedBudget) else self.budget.k
             self.budget = self._make_budget(budget)
@@ -135,8 +162,10 @@ class Engine:
         log.warning("no store at %s: drafting from an empty matrix (it adapts as it decodes)", path)
         return cls.empty(len(self.tokenizer))
 
-    def _make_drafter(self):
+    def _make_drafter(self, matrix=None):
+        """A warmed-up drafter over ``matrix`` (default: the engine's own)."""
         d = self.config.draft
+        matrix = self.matrix if matrix is None else matrix
         if d.method == "lookup":
             from aded_ray.draft.lookup import PromptLookupDrafter
 
@@ -144,28 +173,29 @@ class Engine:
         if d.method == "best":
             from aded_ray.draft.best import BestDrafter
 
-            drafter = BestDrafter(self.matrix, history_tokens=d.history_tokens, window=d.window)
+            drafter = BestDrafter(matrix, history_tokens=d.history_tokens, window=d.window)
         else:
             from aded_ray.draft.mcts import MCTSDrafter
 
-            drafter = MCTSDrafter(self.matrix, **d.mcts_kwargs())
+            drafter = MCTSDrafter(matrix, **d.mcts_kwargs())
         warm = [0, 1, 0, 1]
         drafter.observe(warm)  # compile the numba kernels now, not in the first request
         drafter.draft(warm, 4)
-        self.matrix.reset_deltas()
+        matrix.reset_deltas()
         if hasattr(drafter, "reset"):
             drafter.reset()
         return drafter
 
     @property
     def busy(self) -> bool:
-        """Whether a generation is running right now (the engine decodes one request at a time)."""
-        return self._lock.locked()
+        """Whether any request is being decoded right now."""
+        return self.scheduler.running > 0
 
     def healthy(self) -> bool:
         return self.group is None or self.group.healthy()
 
     def shutdown(self) -> None:
+        self.scheduler.close()
         if self.group is not None:
             self.group.shutdown()
 
@@ -185,41 +215,70 @@ class Engine:
                              f"{self.config.max_prompt_tokens}")
         return ids
 
-    def generate(self, prompt: str | list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
+    def generate(self, prompt: str | list[dict] | list[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-                 chat: bool | None = None, speculate: bool = True) -> Iterator[Chunk]:
-        """Stream a completion. Validation errors raise ``ValueError`` before any work is done."""
+                 chat: bool | None = None, speculate: bool = True, max_nodes: int | None = None,
+                 share: bool = True) -> Iterator[Chunk]:
+        """Stream a completion. Validation errors raise ``ValueError`` before any work is done; a full
+        waiting queue raises :class:`aded_ray.scheduler.QueueFull`. ``prompt`` may be token ids (kept as
+        they are). Closing the iterator cancels the request at the next step."""
+        from aded_ray.scheduler import GenRequest
+
         if not 1 <= max_new_tokens <= self.config.max_new_tokens:
             raise ValueError(f"max_new_tokens {max_new_tokens} must be in 1..{self.config.max_new_tokens}")
+        if max_nodes is not None and not 0 <= max_nodes <= 512:
+            raise ValueError(f"max_nodes {max_nodes} must be in 0..512")
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         stops = [s for s in (stop or []) if s]
-        ids = self.encode(prompt, chat)
-        return self._stream(ids, max_new_tokens, sampling, stops, speculate)
+        ids = self.encode_ids(prompt) if _is_ids(prompt) else self.encode(prompt, chat)
+        if not sampling.greedy and sampling.seed is None:
+            import secrets
 
-    def _stream(self, ids, max_new_tokens, sampling, stops, speculate) -> Iterator[Chunk]:
+            sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=secrets.randbits(63))
         stats = GenerationStats()
+        handle = self.scheduler.submit(GenRequest(ids, max_new_tokens, sampling, speculate, max_nodes, share), stats)
+        return self._stream(handle, stats, stops)
+
+    def encode_ids(self, ids) -> list[int]:
+        """Validate a prompt given as token ids."""
+        V = len(self.tokenizer)
+        out = [int(t) for t in ids]
+        if not out:
+            raise ValueError("the prompt is empty: no token ids")
+        bad = next((t for t in out if not 0 <= t < V), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{V - 1})")
+        if len(out) > self.config.max_prompt_tokens:
+            raise ValueError(f"the prompt has {len(out)} tokens, more than max_prompt_tokens="
+                             f"{self.config.max_prompt_tokens}")
+        return out
+
+    def _stream(self, handle, stats: GenerationStats, stops) -> Iterator[Chunk]:
         hold = max((len(s) for s in stops), default=1) - 1
-        with self._lock:
-            drafter = self.drafter if speculate else NoDraft()
-            budget = self.budget if speculate else FixedBudget(0)
-            out_ids: list[int] = []
-            sent = 0
-            gen = generate_ids(self.make_verifier(), drafter, ids, max_new_tokens=max_new_tokens,
-                               sampling=sampling, eos_ids=self.eos_ids, budget=budget, stats=stats)
-            try:
-                for new in gen:
-                    out_ids += [t for t in new if t not in self.eos_ids]
-                    text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-                    cut = min((text.find(s) for s in stops if s in text), default=-1)
-                    if cut >= 0:
-                        stats.finish_reason = "stop"
-                        yield Chunk(text[sent:cut], new, "stop", stats)
-                        return
-                    final = stats.finish_reason is not None
-                    end = len(text) if final else max(sent, len(text) - hold)
-                    if not final and text.endswith("\ufffd"):
-                        end = max(sent, min(end, len(text) - 1))  # an incomplete UTF-8 sequence: wait for the rest
-                    yield Chunk(text[sent:end], new, stats.finish_reason, stats if final else None)
-                    sent = end
-            finally:
-                gen.close()
+        out_ids: list[int] = []
+        sent = 0
+        try:
+            for new, finish in handle:
+                out_ids += [t for t in new if t not in self.eos_ids]
+                text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                cut = min((text.find(s) for s in stops if s in text), default=-1)
+                if cut >= 0:
+                    handle.cancel()
+                    stats.finish_reason = "stop"
+                    yield Chunk(text[sent:cut], new, "stop", stats)
+                    return
+                final = finish is not None
+                end = len(text) if final else max(sent, len(text) - hold)
+                if not final and text.endswith("\ufffd"):
+                    end = max(sent, min(end, len(text) - 1))  # an incomplete UTF-8 sequence: wait for the rest
+                yield Chunk(text[sent:end], new, finish, stats if final else None)
+                sent = end
+                if final:
+                    return
+        finally:
+            handle.cancel()
+
+
+def _is_ids(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
+        isinstance(t, (int,)) and not isinstance(t, bool) for t in prompt)

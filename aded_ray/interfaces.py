@@ -48,8 +48,8 @@ class Verifier(Protocol):
 
 @runtime_checkable
 class Budget(Protocol):
-    def choose(self) -> int:
-        """Draft nodes for the next step (0 = a plain step)."""
+    def choose(self, batch: int = 1) -> int:
+        """Draft nodes per request for the next step of ``batch`` running requests (0 = a plain step)."""
 
     def observe(self, budget: int, n_nodes: int, path: list[int]) -> None:
         """A verified step drafted with ``budget``: ``n_nodes`` drafted, ranks of the accepted nodes."""

@@ -172,3 +172,20 @@ def test_model_in_the_loop_replay_matches_trace_replay(model, tokenizer, corpus_
     assert (looped.steps, looped.emitted) == (replayed.steps, replayed.emitted)
     # replay also drafts below a request's final root, which the decode loop never verifies
     assert 0 < looped.nodes <= replayed.nodes
+
+
+def test_seeded_sampling_is_identical_with_and_without_speculation(model, tokenizer, corpus_matrix, references):
+    """Sampling draws the token at output position j with u(seed, j): the trees change nothing but speed."""
+    from aded_ray.decode import FixedBudget, NoDraft
+
+    p = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+    for ids, _ in references[:3]:
+        corpus_matrix.reset_deltas()
+        runs = []
+        for drafter, budget in ((NoDraft(), FixedBudget(0)), (MCTSDrafter(corpus_matrix), FixedBudget(32))):
+            stats = GenerationStats()
+            runs.append([t for new in generate_ids(TreeVerifier(model), drafter, ids, max_new_tokens=NEW,
+                                                   sampling=p, eos_ids=[tokenizer.eos_token_id], budget=budget,
+                                                   stats=stats) for t in new])
+        assert runs[0] == runs[1]
+        assert stats.draft_tokens > 0

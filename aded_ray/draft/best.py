@@ -238,7 +238,7 @@ class BestDrafter:
             if t.ndim != 1 or not (0 <= t).all() or not (t <= 1).all():
                 raise ValueError(f"request_conf/history_conf must be tables of probabilities, got {t.tolist()}")
         self.prm_i = np.array([p["max_len"], p["max_occ"], p["branch"], p["max_depth"]], np.int64)
-        self.request = TokenIndex(matrix.vocab_size)
+        self.request = TokenIndex(matrix.vocab_size)   # the default session's request (single-request use)
         self.history = TokenIndex(matrix.vocab_size)
         self.recycle = R.RecycleTable(matrix.vocab_size, int(p["recycle_k"]))
         self.combiner = C.OnlineLogistic(p["weights"], p["learn_rate"])
@@ -248,19 +248,36 @@ class BestDrafter:
         self.journal = None
 
     def observe(self, seq) -> None:
+        """Single-request use: a ``seq`` that does not continue the indexed request starts a new one (the
+        finished one joins the history). Concurrent requests each use their own :meth:`session`."""
         seq = np.asarray(seq, np.int32)
-        if self.journal is not None:
-            self.journal.drain_history(self)
-        self.matrix.update(seq, self.window)
         r = self.request
         if r.n <= seq.shape[0] and np.array_equal(r.seq[: r.n], seq[: r.n]):
-            self._learn(seq)
-            r.extend(seq[r.n:])          # the same request, grown
-        else:                             # a new request: the finished one joins the history
+            self._observe(self, seq)
+        else:
             self._last = None
             self.remember(r.seq[: r.n])
             r.clear()
+            self._observe(self, seq)
+
+    def _observe(self, state, seq: np.ndarray) -> None:
+        """Adaptive update, judge the state's last draft, index the tokens new to its request."""
+        if self.journal is not None:
+            self.journal.drain_history(self)
+        self.matrix.update(seq, self.window)
+        r = state.request
+        if r.n <= seq.shape[0] and np.array_equal(r.seq[: r.n], seq[: r.n]):
+            self._learn(state, seq)
+            r.extend(seq[r.n:])
+        else:                            # a session's tokens never shrink; start over if they do
+            state._last = None
+            r.clear()
             r.extend(seq)
+
+    def session(self) -> "DraftSession":
+        """A drafter for one request among several running at once: its own request index and last draft;
+        the matrix, history, recycled predictions and combiner are this drafter's, shared."""
+        return DraftSession(self)
 
     def observe_logits(self, prev, inputs, top_ids, top_p) -> None:
         """The model's predictions from a verification pass: after tokens ``prev[i], inputs[i]``
@@ -268,13 +285,13 @@ class BestDrafter:
         ``top_p[i]``."""
         self.recycle.record(prev, inputs, top_ids, top_p)
 
-    def _learn(self, seq: np.ndarray) -> None:
-        """Judge the last draft against the tokens committed since; ``seq`` continues the indexed request."""
-        last, self._last = self._last, None
+    def _learn(self, state, seq: np.ndarray) -> None:
+        """Judge the state's last draft against the tokens committed since; ``seq`` continues its request."""
+        last, state._last = state._last, None
         if last is None:
             return
         n_ctx, tokens, parents, feats = last
-        if seq.shape[0] <= n_ctx or self.request.n != n_ctx:
+        if seq.shape[0] <= n_ctx or state.request.n != n_ctx:
             return
         judged, ok = C.judge(tokens, parents, seq[n_ctx:])
         self.combiner.learn(feats[judged], ok[judged])
@@ -300,12 +317,15 @@ class BestDrafter:
         self.history.extend(tokens)
 
     def draft(self, seq, max_nodes: int | None = None) -> DraftTree:
+        if self.request.n != len(seq):
+            self.observe(seq)  # draft() without observe(): index the request now
+        return self._draft(self, seq, max_nodes)
+
+    def _draft(self, state, seq, max_nodes: int | None) -> DraftTree:
         b = 64 if max_nodes is None else int(max_nodes)
         if b <= 0:
             return DraftTree()
-        r = self.request
-        if r.n != len(seq):
-            self.observe(seq)  # draft() without observe(): index the request now
+        r = state.request
         if r.n == 0:
             return DraftTree()
         out_tok = np.empty(b, np.int32)
@@ -317,8 +337,36 @@ class BestDrafter:
                             (rc.keys, rc.ids, rc.probs, rc.n_tokens, rc.slot_bits), self.prm_f, self.prm_i,
                             self.rconf, self.hconf, self.combiner.w, b, out_tok, out_par, out_sc, out_feat)
         tree, order = _bfs(out_tok[:n], out_par[:n], out_sc[:n])
-        self._last = (r.n, tree.tokens, tree.parents, out_feat[:n][order])
+        state._last = (r.n, tree.tokens, tree.parents, out_feat[:n][order])
         return tree
+
+
+class DraftSession:
+    """One request's view of a :class:`BestDrafter` (see :meth:`BestDrafter.session`). ``close()`` hands the
+    finished request to the drafter's history (and, through its journal, the fleet's)."""
+
+    def __init__(self, drafter: BestDrafter):
+        self.drafter = drafter
+        self.request = TokenIndex(drafter.matrix.vocab_size)
+        self._last = None
+
+    def observe(self, seq) -> None:
+        self.drafter._observe(self, np.asarray(seq, np.int32))
+
+    def draft(self, seq, max_nodes: int | None = None) -> DraftTree:
+        if self.request.n != len(seq):
+            self.observe(seq)
+        return self.drafter._draft(self, seq, max_nodes)
+
+    def observe_logits(self, prev, inputs, top_ids, top_p) -> None:
+        self.drafter.observe_logits(prev, inputs, top_ids, top_p)
+
+    def close(self, share: bool = True) -> None:
+        r = self.request
+        if r.n:
+            self.drafter.remember(r.seq[: r.n].copy(), share=share)
+        r.clear()
+        self._last = None
 
 
 def _bfs(tok, par, score) -> tuple[DraftTree, np.ndarray]:

@@ -143,6 +143,33 @@ def reduce_rows(logits: torch.Tensor, p: SamplingParams, *, positions=None, top_
     return out
 
 
+def reduce_batch(logits: torch.Tensor, samplings: list[SamplingParams], positions: list, counts: list[int],
+                 top_k: int = 0) -> list[RowChoices]:
+    """:func:`reduce_rows` for a padded batch ``[B, W, V]``: request r has ``counts[r]`` real rows whose output
+    positions are ``positions[r]``. All reductions on the device, one copy to the host for the whole batch."""
+    B, W, V = logits.shape
+    flat = logits.reshape(B * W, V)
+    choice = flat.argmax(-1)
+    for r, p in enumerate(samplings):
+        if not p.greedy:
+            n = counts[r]
+            choice[r * W: r * W + n] = sample_rows(logits[r, :n], p, uniforms(p.seed, positions[r]))
+    parts = [choice[:, None].double()]
+    if top_k:
+        lg = flat.float()
+        top, ids = lg.topk(top_k, dim=-1)
+        parts += [ids.double(), torch.exp(top - torch.logsumexp(lg, -1, keepdim=True)).double()]
+    host = torch.cat(parts, 1).cpu().numpy().reshape(B, W, -1)
+    out = []
+    for r in range(B):
+        h = host[r, : counts[r]]
+        rc = RowChoices(h[:, 0].astype(np.int64))
+        if top_k:
+            rc.top_ids, rc.top_p = h[:, 1:1 + top_k].astype(np.int64), h[:, 1 + top_k:].astype(np.float32)
+        out.append(rc)
+    return out
+
+
 def _children(tree: DraftTree) -> dict[int, dict[int, int]]:
     """``{row: {token: child row}}`` with rows 0 = root, i + 1 = node i (first child wins on duplicates)."""
     kids: dict[int, dict[int, int]] = {}

@@ -35,6 +35,10 @@ class CostCurve:
         self.ms = np.maximum.accumulate(self.ms)  # a bigger pass never costs less (measurement noise)
 
     def __call__(self, k: int) -> float:
+        """ms of a pass of ``k`` tokens: interpolated; past the last measured point, proportional to k (a
+        pass never gets cheaper per token than the largest one measured)."""
+        if k > self.ks[-1]:
+            return float(self.ms[-1] * k / self.ks[-1])
         return float(np.interp(k, self.ks, self.ms))
 
     def observe(self, k: int, ms: float, rate: float = 0.05) -> None:
@@ -76,16 +80,19 @@ class AdaptiveBudget:
         nodes is a part of the larger one), so a stale or noisy estimate cannot pin the budget small."""
         return max(self.acc[g] for g in self.grid if g <= b)
 
-    def expected_rate(self, b: int) -> float:
-        """Expected committed tokens per ms at budget ``b``."""
-        return (1.0 + self.accepted(b)) / (self.cost(b + 1) + (self.draft_ms if b else 0.0))
+    def expected_rate(self, b: int, batch: int = 1) -> float:
+        """Expected committed tokens per ms at budget ``b`` for a pass carrying ``batch`` requests (each
+        with its root and b nodes: ``batch * (b + 1)`` tokens; drafting runs one request after another)."""
+        return batch * (1.0 + self.accepted(b)) / (self.cost(batch * (b + 1)) + (batch * self.draft_ms if b else 0.0))
 
-    def best(self) -> int:
-        return max(self.grid, key=self.expected_rate)
+    def best(self, batch: int = 1) -> int:
+        return max(self.grid, key=lambda b: self.expected_rate(b, batch))
 
-    def choose(self) -> int:
+    def choose(self, batch: int = 1) -> int:
+        """The budget for the next step of ``batch`` running requests: trees shrink as the batch grows, and
+        0 (plain decoding) wins wherever no draft pays."""
         self.steps += 1
-        b = self.best()
+        b = self.best(batch)
         if self.explore_every and self.steps % self.explore_every == 0:
             i = self.grid.index(b)
             if i + 1 < len(self.grid):
@@ -141,7 +148,10 @@ def sync(verifier) -> None:
         torch.cuda.synchronize(dev)
 
 
-def measure_cost_curve(model, ks=(1, 2, 4, 8, 16, 32, 64), cache_len: int = 128, reps: int = 5) -> CostCurve:
+BATCH_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)   # total tokens of a batched pass
+
+
+def measure_cost_curve(model, ks=BATCH_KS, cache_len: int = 128, reps: int = 5) -> CostCurve:
     """Median ms of a k-token tree pass (a chain) over a ``cache_len``-token prefix, for each k.
 
     ``model`` is a model or a verifier factory (e.g. a tensor-parallel group's)."""
@@ -156,6 +166,7 @@ def measure_cost_curve(model, ks=(1, 2, 4, 8, 16, 32, 64), cache_len: int = 128,
     with torch.inference_mode():
         v.prefill(ids)
         v.forward_tree(5, DraftTree())  # warm-up
+        v.commit([])
         for k in ks:
             tree = DraftTree(np.arange(2000, 2000 + k - 1), np.arange(-1, k - 2))
             ts = []

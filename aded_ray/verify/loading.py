@@ -92,3 +92,27 @@ def load_model(model: str | os.PathLike | None = None, *, dtype: str = "float32"
         raise ValueError(f"dtype {dtype!r} is not a torch dtype name")
     m = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=torch_dtype)
     return m.to(device).eval()
+
+
+# Randomly initialised models of a known shape: a pass's cost does not depend on the weights, so cost curves
+# and exactness checks of large models need no download (acceptance rates do need real weights).
+RANDOM_SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048),
+}
+
+
+def random_model(shape: str, *, dtype: str = "float32", device: str = "cpu", seed: int = 0):
+    """A Llama-architecture causal LM of ``shape`` (``RANDOM_SHAPES``) with random weights, built on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"shape {shape!r} is not one of {sorted(RANDOM_SHAPES)}")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**RANDOM_SHAPES[shape])
+    with torch.device(device):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    return m.eval()

@@ -1,0 +1,245 @@
+"""Batched tree verification: one forward pass for the root and draft tree of every running request.
+
+KV layout: per layer one buffer ``[slots, kv heads, capacity, head dim]``; request r owns slot r. Running
+requests occupy slots ``0 .. B-1`` (a leaving request's slot is filled by moving the last one into it), so
+a pass over all of them uses views, never gathers. Both dimensions grow by doubling when needed.
+
+A decode pass is a padded batch: every request contributes ``W`` tokens (its root, its tree, then padding),
+written at its own offset ``lens[r]`` of its own slot; the keys attended are the first ``max(lens) + W``
+entries of each slot, with a 4-D additive mask per request: its committed prefix, its tree's ancestors
+(``tree.ancestor_mask``), and for padding rows only themselves. Positions are ``lens[r] + depth``.
+:meth:`BatchKV.commit` keeps each request's root and accepted nodes, moved right after its prefix, in one
+gather/scatter per layer. Prefill runs one request's prompt (in chunks) through its slot alone.
+
+Worked example (tests/test_batch.py): two requests with 5 and 3 committed tokens, W = 3; request 0 drafts
+[a, b] (b child of a), request 1 drafts nothing (one padding row per extra column). Keys attended: 5 + 3 = 8
+columns. Request 0's row for b sees columns 0-4 (prefix), 5 (root), 6 (a), 7 (b); request 1's root row sees
+0-2 and 3; its padding rows see 0-2 and themselves. Logits of every real row equal those of the same tokens
+verified alone.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from aded_ray.draft.tree import DraftTree, ancestor_mask
+
+
+@functools.cache
+def _batch_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class BatchLayer(DynamicLayer):
+        """Writes each row's new entries at its own offset in its slot; returns views over the running slots."""
+
+        def __init__(self, kv):
+            super().__init__()
+            self.kv = kv
+            self.kbuf = self.vbuf = None
+
+        def lazy_initialization(self, key_states, value_states):
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.keys = self.values = key_states.new_empty(0)
+            self.is_initialized = True
+
+        def ensure(self, shape_like, slots: int, cap: int) -> None:
+            kb = self.kbuf
+            if kb is not None and kb.shape[0] >= slots and kb.shape[2] >= cap:
+                return
+            s = max(slots, 1 if kb is None else kb.shape[0])
+            c = max(cap, 0 if kb is None else kb.shape[2])
+            s, c = 1 << (s - 1).bit_length(), max(256, 1 << (c - 1).bit_length())
+            h, d = shape_like.shape[1], shape_like.shape[3]
+            nk, nv = shape_like.new_zeros((s, h, c, d)), shape_like.new_zeros((s, h, c, d))
+            if kb is not None:
+                nk[: kb.shape[0], :, : kb.shape[2]] = kb
+                nv[: kb.shape[0], :, : kb.shape[2]] = self.vbuf
+            self.kbuf, self.vbuf = nk, nv
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            p = self.kv.current
+            self.ensure(key_states, p.first + p.batch, p.kv_len)
+            rows = torch.arange(p.first, p.first + p.batch, device=key_states.device)[:, None, None]
+            heads = torch.arange(key_states.shape[1], device=key_states.device)[None, :, None]
+            self.kbuf[rows, heads, p.write_pos[:, None, :]] = key_states
+            self.vbuf[rows, heads, p.write_pos[:, None, :]] = value_states
+            sl = slice(p.first, p.first + p.batch)
+            self.keys, self.values = self.kbuf[sl, :, : p.kv_len], self.vbuf[sl, :, : p.kv_len]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            p = self.kv.current
+            return 0 if p is None else p.kv_len - p.width
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.kv.current.kv_len, 0
+
+    return BatchLayer
+
+
+class _Pass:
+    """What the layers need to know about the pass in flight."""
+
+    def __init__(self, first: int, lens: np.ndarray, width: int, device):
+        self.first, self.batch, self.width = first, len(lens), width
+        self.kv_len = int(lens.max()) + width
+        self.write_pos = torch.from_numpy(lens[:, None] + np.arange(width)[None]).to(device)
+
+
+class BatchKV:
+    """KV caches of up to ``slots`` requests for one model, and the passes over them."""
+
+    def __init__(self, model, prefill_chunk: int = 512, widths=()):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.prefill_chunk = int(prefill_chunk)
+        self.widths = tuple(sorted(int(w) for w in widths))
+        self.cache = DynamicCache(config=model.config)
+        layer_cls = _batch_layer_class()
+        self.cache.layers = [layer_cls(self) for _ in self.cache.layers]
+        self.lens = np.zeros(0, np.int64)      # committed length per slot
+        self.current: _Pass | None = None
+
+    # ---- slots ----------------------------------------------------------------------------------
+    @property
+    def used(self) -> int:
+        return len(self.lens)
+
+    def add_slot(self) -> int:
+        self.lens = np.r_[self.lens, 0]
+        return len(self.lens) - 1
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Copy slot ``src``'s committed entries into slot ``dst`` (which it replaces)."""
+        n = int(self.lens[src])
+        for layer in self.cache.layers:
+            if layer.kbuf is not None:
+                layer.kbuf[dst, :, :n] = layer.kbuf[src, :, :n]
+                layer.vbuf[dst, :, :n] = layer.vbuf[src, :, :n]
+        self.lens[dst] = n
+
+    def drop_last(self) -> None:
+        self.lens = self.lens[:-1]
+
+    # ---- passes ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, first: int, lens: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
+                 allow: np.ndarray) -> torch.Tensor:
+        self.current = _Pass(first, lens, tokens.shape[1], self.device)
+        mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(torch.from_numpy(~allow),
+                                                                       torch.finfo(self.dtype).min)
+        try:
+            out = self.model(input_ids=torch.from_numpy(tokens).to(self.device),
+                             position_ids=torch.from_numpy(positions).to(self.device),
+                             attention_mask=mask.to(self.device)[:, None], cache=self.cache, use_cache=True)
+        finally:
+            self.current = None
+        return out.logits
+
+    def prefill(self, slot: int, ids, start: int = 0) -> torch.Tensor | None:
+        """Run the next chunk of the prompt ``ids`` (from ``start``, which must equal the slot's length) into
+        ``slot``; returns the ``[V]`` logits after the last prompt token once the prompt is complete."""
+        L = int(self.lens[slot])
+        if L != start:
+            raise ValueError(f"slot {slot} holds {L} tokens, prefill resumes at {start}")
+        chunk = np.asarray(ids[start:start + self.prefill_chunk], np.int64)
+        w = len(chunk)
+        allow = np.zeros((1, w, L + w), bool)
+        allow[0, :, :L] = True
+        allow[0, :, L:] = np.tril(np.ones((w, w), bool))
+        logits = self._forward(slot, self.lens[slot:slot + 1], chunk[None], (L + np.arange(w))[None], allow)
+        self.lens[slot] += w
+        return logits[0, -1].float() if start + w >= len(ids) else None
+
+    def forward_trees(self, roots, trees: list[DraftTree], width: int | None = None) -> torch.Tensor:
+        """Logits ``[B, W, V]`` (float32, on the device) for slots ``0 .. B-1``: row 0 of request r is its
+        root, row i + 1 its node i; rows past ``len(trees[r]) + 1`` are padding."""
+        B = len(trees)
+        n = np.array([len(t) + 1 for t in trees])
+        W = int(n.max()) if width is None else int(width)
+        if self.widths:
+            W = next((w for w in self.widths if w >= W), W)
+        if W < n.max():
+            raise ValueError(f"width {W} < the largest pass {n.max()}")
+        lens = self.lens[:B]
+        K = int(lens.max()) + W
+        tokens = np.repeat(np.asarray(roots, np.int64)[:, None], W, 1)
+        positions = np.repeat(lens[:, None], W, 1)
+        allow = np.zeros((B, W, K), bool)
+        for r, t in enumerate(trees):
+            L, k = int(lens[r]), int(n[r])
+            tokens[r, 1:k] = t.tokens
+            positions[r, 1:k] += t.depths()
+            allow[r, :, :L] = True
+            allow[r, :k, L:L + k] = ancestor_mask(t.parents, include_root=True)
+            pad = np.arange(k, W)
+            allow[r, pad, L + pad] = True
+        return self._forward(0, lens, tokens, positions, allow).float()
+
+    @torch.inference_mode()
+    def commit(self, keeps: list[list[int]]) -> None:
+        """Request r keeps its pass entries ``keeps[r]`` (0 = root, i + 1 = node i, in path order)."""
+        B = len(keeps)
+        lens = self.lens[:B]
+        k = max(len(x) for x in keeps)
+        src = np.repeat((lens[:, None] + np.arange(k)[None]), 1, 0)     # identity where nothing moves
+        for r, keep in enumerate(keeps):
+            src[r, : len(keep)] = lens[r] + np.asarray(keep, np.int64)
+        dst = lens[:, None] + np.arange(k)[None]
+        if not np.array_equal(src, dst):
+            rows = torch.arange(B, device=self.device)[:, None]
+            s, d = torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device)
+            for layer in self.cache.layers:
+                for buf in (layer.kbuf, layer.vbuf):
+                    moved = buf[rows, :, s]                    # [B, k, H, D]
+                    buf[rows, :, d] = moved
+        self.lens[:B] += np.array([len(x) for x in keeps])
+
+
+class SerialKV:
+    """The :class:`BatchKV` interface over one single-request verifier per slot (e.g. a tensor-parallel
+    group's): a "batched" pass runs the requests one after the other. Correct everywhere, batched nowhere."""
+
+    def __init__(self, make_verifier):
+        self.make_verifier = make_verifier
+        self.verifiers = []
+        self.prefill_chunk = 1 << 30
+
+    @property
+    def lens(self) -> np.ndarray:
+        return np.array([v.length for v in self.verifiers], np.int64)
+
+    @property
+    def used(self) -> int:
+        return len(self.verifiers)
+
+    def add_slot(self) -> int:
+        self.verifiers.append(self.make_verifier())
+        return len(self.verifiers) - 1
+
+    def move_slot(self, src: int, dst: int) -> None:
+        self.verifiers[dst] = self.verifiers[src]
+
+    def drop_last(self) -> None:
+        self.verifiers.pop()
+
+    def prefill(self, slot: int, ids, start: int = 0):
+        if start:
+            raise ValueError("a serial verifier prefills a prompt in one pass")
+        return self.verifiers[slot].prefill(ids)
+
+    def forward_trees(self, roots, trees: list[DraftTree], width: int | None = None) -> torch.Tensor:
+        W = max(len(t) + 1 for t in trees) if width is None else width
+        out = [self.verifiers[r].forward_tree(int(root), t) for r, (root, t) in enumerate(zip(roots, trees))]
+        return torch.stack([torch.nn.functional.pad(x, (0, 0, 0, W - x.shape[0])) for x in out])
+
+    def commit(self, keeps: list[list[int]]) -> None:
+        for v, keep in zip(self.verifiers, keeps):
+            v.commit(keep)
