@@ -257,26 +257,39 @@ def _bench_store(a) -> int:
 
 
 def _serve(a) -> int:
-    """``serve run`` the config, with a local Redis when ``ADED_REDIS_URL`` is unset."""
+    """``serve run`` the config, with a local Redis when ``ADED_REDIS_URL`` is unset.
+
+    Ray starts with the proxy guard (``aded_ray.serve.proxy``) in its environment. The local Redis is private
+    to this user: loopback only, protected mode, a generated password kept in an owner-only file (passed to
+    the replicas as ``ADED_REDIS_PASSWORD``, never printed), owner-only data and config files, and every
+    acknowledged write on disk (``appendfsync always``) so a crash loses no shared counts."""
     import os
     import signal
     import subprocess
 
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+    from aded_ray.serve.local import RAY_ENV
+
+    env = dict(os.environ)
+    for k, v in RAY_ENV.items():
+        env.setdefault(k, v)
     server = None
     if not env.get("ADED_REDIS_URL") and not a.no_redis:
-        from aded_ray.store.server import RedisServer
+        from aded_ray.store.server import RedisServer, load_or_create_password
 
-        server = RedisServer(cache_dir() / "redis", appendonly=True)
-        env["ADED_REDIS_URL"] = server.url
-        print(f"started redis-server for the shared tri-gram store: {server.url}", flush=True)
+        pw_file = cache_dir() / "redis" / "password"
+        password = load_or_create_password(pw_file)
+        server = RedisServer(cache_dir() / "redis", password=password, appendonly=True, appendfsync="always")
+        env["ADED_REDIS_URL"] = server.address
+        env["ADED_REDIS_PASSWORD"] = password
+        print(f"started redis-server for the shared tri-gram store: {server.address} (password in {pw_file})",
+              flush=True)
+
     def default_sigint():  # a shell's `&` makes children ignore SIGINT: serve run must obey it
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", a.config], env=env,
                             preexec_fn=default_sigint)
+
     def sigterm(*_):
         raise KeyboardInterrupt  # stop like Ctrl-C: SIGINT to serve run, then the Redis we started
 
@@ -294,6 +307,17 @@ def _serve(a) -> int:
     finally:
         if server is not None:
             server.stop()
+
+
+def _soak(a) -> int:
+    from aded_ray.serve.soak import markdown, run
+
+    r = run(url=a.url, duration_s=a.duration, concurrency=a.concurrency, bad_fraction=a.bad_fraction,
+            replicas=a.replicas, warmup_s=a.warmup, max_tokens=a.max_tokens, out=a.out)
+    print(markdown(r))
+    if a.out:
+        print(f"written: {a.out}")
+    return 0 if r["ok"] else 1
 
 
 def _bench_serve(a) -> int:
@@ -318,6 +342,17 @@ def _bench(a) -> int:
                   device=a.device, budgets=budgets, out_dir=a.out_dir)
     print(markdown(r))
     print(f"written: {a.out_dir}/bench.md, bench.json, bench.png")
+    return 0
+
+
+def _bench_load(a) -> int:
+    from aded_ray.bench.load import HEAD, markdown, run_bench_load
+
+    print(HEAD, flush=True)
+    r = run_bench_load(levels=a.levels, max_new_tokens=a.max_new_tokens, min_requests=a.min_requests,
+                       store=a.store, mode=a.mode, device=a.device, out_dir=a.out_dir)
+    print(markdown(r))
+    print(f"written: {a.out_dir}/bench-load.md, bench-load.json, bench-load.png")
     return 0
 
 
@@ -437,6 +472,16 @@ def main(argv=None) -> int:
     e.add_argument("--out-dir", default="results")
     e.set_defaults(fn=_bench)
 
+    bl = sub.add_parser("bench-load", help="tokens/s and time per output token at rising concurrency")
+    bl.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    bl.add_argument("--max-new-tokens", type=int, default=64)
+    bl.add_argument("--min-requests", type=int, default=8, help="requests per level: max(2 x level, this)")
+    bl.add_argument("--store", default=None)
+    bl.add_argument("--mode", default="auto")
+    bl.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    bl.add_argument("--out-dir", default="results")
+    bl.set_defaults(fn=_bench_load)
+
     gc = sub.add_parser("gpu-check", help="exactness, cost curves and end-to-end speed on this device (make gpu-check)")
     gc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     gc.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
@@ -445,6 +490,17 @@ def main(argv=None) -> int:
     gc.add_argument("--max-new-tokens", type=int, default=96)
     gc.add_argument("--out", default="results/gpu-check")
     gc.set_defaults(fn=_gpu_check)
+
+    so = sub.add_parser("soak", help="hostile-mix load on the HTTP service: 5xx, hangs, replica RSS growth")
+    so.add_argument("--url", default=None, help="a running service (default: start one here, like make serve)")
+    so.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600)")
+    so.add_argument("--concurrency", type=int, default=16)
+    so.add_argument("--bad-fraction", type=float, default=0.1, help="share of bad or hostile requests")
+    so.add_argument("--replicas", type=int, default=1, help="replicas of the service started here")
+    so.add_argument("--warmup", type=float, default=None, help="seconds before the RSS baseline (default 20%%)")
+    so.add_argument("--max-tokens", type=int, default=32, help="max_tokens of the good requests")
+    so.add_argument("--out", default="results/soak.json")
+    so.set_defaults(fn=_soak)
 
     a = p.parse_args(argv)
     if getattr(a, "budget", "auto") != "auto":

@@ -255,6 +255,7 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
             s.drafts += 1
             s.draft_tokens += len(tree)
             s.accepted_tokens += len(path)
+        if min(b, st.max_nodes) > 0:        # an empty draft teaches the budget too (nothing accepted)
             ranks = tree.ranks()
             budget.observe(min(b, st.max_nodes), len(tree), [int(ranks[i]) for i in path])
         out.append(st._emit([int(tree.tokens[i]) for i in path] + [bonus]))   # the bonus: next root

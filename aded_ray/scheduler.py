@@ -168,9 +168,14 @@ class Scheduler:
 
     def _iteration(self) -> None:
         self._drop_cancelled()
-        self._admit()
-        if self._prefilling is not None:
-            self._prefill_chunk()
+        budget = self.kv.prefill_chunk          # prompt tokens prefilled per iteration, over all newcomers
+        while budget > 0:
+            self._admit()
+            if self._prefilling is None:
+                break
+            budget -= self._prefill_chunk(budget)
+            if self._prefilling is not None:
+                break                           # a long prompt: its next chunk after the next step
         if self._running:
             self._step()
 
@@ -195,20 +200,23 @@ class Scheduler:
         assert slot == len(self._running), (slot, len(self._running))
         self._prefilling = _Slot(h, st)
 
-    def _prefill_chunk(self) -> None:
+    def _prefill_chunk(self, max_tokens: int) -> int:
+        """Prefill up to ``max_tokens`` more of the newcomer's prompt; returns how many were run."""
         p = self._prefilling
         t0 = time.perf_counter()
         ids = p.state.prompt_ids
-        logits = self.kv.prefill(len(self._running), ids, p.prefilled)
-        p.prefilled = min(len(ids), p.prefilled + self.kv.prefill_chunk)
+        start = p.prefilled
+        logits = self.kv.prefill(len(self._running), ids, start, max_tokens)
+        p.prefilled = int(self.kv.lens[len(self._running)])
         p.state.stats.prefill_s += time.perf_counter() - t0
         if logits is None:
-            return
+            return p.prefilled - start
         top_k = 8 if hasattr(p.state.drafter, "observe_logits") else 0
         rows = reduce_rows(logits, p.state.sampling, positions=[0], top_k=top_k)
         self._prefilling = None
         self._running.append(p)
         self._deliver(p, p.state.start(rows))
+        return len(ids) - start
 
     def _step(self) -> None:
         slots = list(self._running)       # delivering may remove finished requests from _running

@@ -40,8 +40,9 @@ def test_exploration_steps_up_the_grid():
 
 
 def test_cost_curve_is_monotone_and_needs_k1():
-    c = CostCurve({1: 10, 2: 30, 4: 20})
-    assert c(4) == 30 and c(3) == 30
+    c = CostCurve({1: 10, 2: 30, 4: 20})          # the spike at k=2 is cut to the larger pass's cost
+    assert c(2) == 20 and c(3) == 20 and c(4) == 20
+    assert c(8) == 40                              # past the last point: proportional
     with pytest.raises(ValueError):
         CostCurve({2: 5})
 
@@ -51,4 +52,22 @@ def test_cost_curve_follows_measurements():
     for _ in range(200):
         c.observe(1, 30.0)              # the machine got faster than the start-up measurement
     assert c(1) == pytest.approx(30.0, abs=0.5)
-    assert c(16) == 60.0 and c(64) == 130.0
+    assert c(16) < 60.0 and c(16) / c(64) == pytest.approx(60 / 130)   # the level moves, the shape stays
+
+
+def test_a_curve_measured_under_load_recovers_at_sizes_no_longer_visited():
+    true = {1: 40.0, 2: 42.0, 8: 50.0, 64: 130.0}
+    c = CostCurve({k: 10 * v for k, v in true.items()})       # start-up measured while the machine was busy
+    b = AdaptiveBudget(c, explore_every=0)
+    b.acc.update({g: 0.6 for g in b.grid if g})
+    for _ in range(400):
+        c.observe(1, 40.0)                                   # the budget only ever runs plain steps now
+    assert c(8) == pytest.approx(50.0, rel=0.1)
+    assert b.best() > 0                                      # and drafting pays again
+
+
+def test_empty_drafts_teach_every_budget():
+    b = AdaptiveBudget(CostCurve({1: 30, 64: 31}), explore_every=0)
+    for _ in range(30):
+        b.observe(7, 0, [])                                  # the drafter had nothing to propose
+    assert all(b.acc[g] == 0 for g in b.grid)

@@ -116,6 +116,7 @@ class BatchKV:
         self.lens = np.r_[self.lens, 0]
         return len(self.lens) - 1
 
+    @torch.inference_mode()
     def move_slot(self, src: int, dst: int) -> None:
         """Copy slot ``src``'s committed entries into slot ``dst`` (which it replaces)."""
         n = int(self.lens[src])
@@ -143,13 +144,15 @@ class BatchKV:
             self.current = None
         return out.logits
 
-    def prefill(self, slot: int, ids, start: int = 0) -> torch.Tensor | None:
-        """Run the next chunk of the prompt ``ids`` (from ``start``, which must equal the slot's length) into
-        ``slot``; returns the ``[V]`` logits after the last prompt token once the prompt is complete."""
+    def prefill(self, slot: int, ids, start: int = 0, max_tokens: int | None = None) -> torch.Tensor | None:
+        """Run the next chunk (at most ``prefill_chunk`` and ``max_tokens`` tokens) of the prompt ``ids``, from
+        ``start`` (the slot's length), into ``slot``; returns the ``[V]`` logits after the last prompt token
+        once the prompt is complete."""
         L = int(self.lens[slot])
         if L != start:
             raise ValueError(f"slot {slot} holds {L} tokens, prefill resumes at {start}")
-        chunk = np.asarray(ids[start:start + self.prefill_chunk], np.int64)
+        n = self.prefill_chunk if max_tokens is None else max(1, min(self.prefill_chunk, max_tokens))
+        chunk = np.asarray(ids[start:start + n], np.int64)
         w = len(chunk)
         allow = np.zeros((1, w, L + w), bool)
         allow[0, :, :L] = True
@@ -230,7 +233,7 @@ class SerialKV:
     def drop_last(self) -> None:
         self.verifiers.pop()
 
-    def prefill(self, slot: int, ids, start: int = 0):
+    def prefill(self, slot: int, ids, start: int = 0, max_tokens: int | None = None):
         if start:
             raise ValueError("a serial verifier prefills a prompt in one pass")
         return self.verifiers[slot].prefill(ids)

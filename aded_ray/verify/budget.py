@@ -32,7 +32,12 @@ class CostCurve:
             raise ValueError(f"a cost curve needs at least k=1, got {ms_by_k}")
         self.ks = np.array(sorted(int(k) for k in ms_by_k), float)
         self.ms = np.array([float(ms_by_k[k]) for k in sorted(ms_by_k, key=int)], float)
-        self.ms = np.maximum.accumulate(self.ms)  # a bigger pass never costs less (measurement noise)
+        self._monotone()
+
+    def _monotone(self) -> None:
+        """A bigger pass never costs less: each point is capped by every larger pass's cost (a noise spike
+        at one point is cut down, instead of being carried up to every larger point)."""
+        self.ms = np.minimum.accumulate(self.ms[::-1])[::-1].copy()
 
     def __call__(self, k: int) -> float:
         """ms of a pass of ``k`` tokens: interpolated; past the last measured point, proportional to k (a
@@ -42,12 +47,17 @@ class CostCurve:
         return float(np.interp(k, self.ks, self.ms))
 
     def observe(self, k: int, ms: float, rate: float = 0.05) -> None:
-        """Blend a measured pass of k tokens into the nearest point of the curve (the machine's load and
-        the context length drift; a start-up measurement taken under load must not stick forever)."""
+        """Blend a measured pass of k tokens into the nearest point of the curve, and move the whole curve's
+        level a little towards it (load and context length drift for every pass size alike: a start-up
+        measurement taken under load must not stick, also at sizes the budget no longer visits)."""
+        if not (np.isfinite(ms) and ms > 0):
+            return
+        ratio = ms / max(self(k), 1e-9)
         i = int(np.argmin(np.abs(np.log(self.ks) - np.log(max(k, 1)))))
-        scaled = ms * self.ms[i] / max(self(k), 1e-9)   # the observation moved to the grid point's k
-        self.ms[i] += rate * (scaled - self.ms[i])
-        self.ms = np.maximum.accumulate(self.ms)
+        self.ms *= ratio ** rate                         # the level: every size alike
+        scaled = ms * self.ms[i] / max(self(k), 1e-9)   # the shape, slowly: the observation at the grid point
+        self.ms[i] += rate / 40 * (scaled - self.ms[i])
+        self._monotone()
 
     def to_dict(self) -> dict[int, float]:
         return {int(k): float(m) for k, m in zip(self.ks, self.ms)}
@@ -110,7 +120,7 @@ class AdaptiveBudget:
         p = np.asarray(path, np.int64)
         for b in self.grid:
             if b == 0 or (b > budget and n_nodes >= budget):
-                continue
+                continue                 # (a drafter with nothing to propose teaches every b: 0 accepted)
             got = int(np.sum(p < b))
             self.acc[b] += self.decay * (got - self.acc[b]) if self.seen[b] else (got - self.acc[b])
             self.seen[b] += 1
@@ -161,23 +171,24 @@ def measure_cost_curve(model, ks=BATCH_KS, cache_len: int = 128, reps: int = 5) 
     from aded_ray.verify.modes import verifier_factory
 
     v = verifier_factory(model)()
+    widths = getattr(v, "widths", ())
+    ks = [k for k in ks if not widths or k <= max(widths)]
     ids = [(1000 + 13 * i) % 30000 for i in range(cache_len)]
-    out = {}
+    ts = {k: [] for k in ks}
     with torch.inference_mode():
         v.prefill(ids)
         v.forward_tree(5, DraftTree())  # warm-up
         v.commit([])
-        for k in ks:
-            tree = DraftTree(np.arange(2000, 2000 + k - 1), np.arange(-1, k - 2))
-            ts = []
-            for _ in range(reps):
+        for _ in range(reps):           # rounds over every k: a burst of load hits all sizes alike
+            for k in ks:
+                tree = DraftTree(np.arange(2000, 2000 + k - 1), np.arange(-1, k - 2))
                 sync(v)
                 t = time.perf_counter()
                 v.forward_tree(5, tree)
                 sync(v)
-                ts.append(time.perf_counter() - t)
+                ts[k].append(time.perf_counter() - t)
                 v.commit([])  # drop the step: the prefix stays cache_len long
-            out[k] = round(1000 * float(np.median(ts)), 2)
+    out = {k: round(1000 * float(np.median(x)), 2) for k, x in ts.items()}
     return CostCurve(out)
 
 

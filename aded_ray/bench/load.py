@@ -1,0 +1,166 @@
+"""``aded bench-load``: throughput and latency under concurrent requests, side by side in one process.
+
+At each concurrency c, c closed-loop clients (threads) send the same list of requests (MT-Bench and HumanEval
+prompts, greedy, ``max_new_tokens`` each; ``max(2c, min_requests)`` of them) through one engine, in turn as:
+
+- ``one at a time``: the scheduler limited to one running request (the engine before batching: every other
+  request waits), speculative with the ``auto`` budget;
+- ``batched plain``: continuous batching, no speculation (every step one token per request);
+- ``batched speculative``: continuous batching with speculation, the batch-aware ``auto`` budget.
+
+Before each run the drafter forgets its history and adaptive state, so no run drafts from another run's
+outputs. The budget keeps what it learnt (as in a running service): it is warmed up once, before the first
+level, on other prompts (the input-grounded set), so no run pays for the budget's start. Reported per run: total output tokens / wall time, and the p50 / p99 over
+requests of the time per output token after the first (TPOT). Ratios are within one level of one run.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from aded_ray.data import load_prompts
+
+SYSTEMS = ("one at a time", "batched plain", "batched speculative")
+
+
+def _requests(n: int) -> list[list[dict]]:
+    """``n`` chat requests, MT-Bench and HumanEval prompts alternating."""
+    sets = [load_prompts("mtbench"), load_prompts("humaneval")]
+    return [sets[i % 2][(i // 2) % len(sets[i % 2])]["messages"] for i in range(n)]
+
+
+def _reset(engine) -> None:
+    d = engine.drafter
+    if hasattr(d, "reset"):
+        d.reset()
+    if engine.speculate:
+        engine.matrix.reset_deltas()
+
+
+def run_level(engine, system: str, messages: list, concurrency: int, max_new_tokens: int) -> dict:
+    sched = engine.scheduler
+    sched.max_batch = 1 if system == "one at a time" else max(concurrency, 1)
+    speculate = system != "batched plain"
+    _reset(engine)
+    work: queue.SimpleQueue = queue.SimpleQueue()
+    for i, m in enumerate(messages):
+        work.put((i, m))
+    results, errors = {}, []
+
+    def client():
+        while True:
+            try:
+                i, m = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                times, n, out = [], 0, []
+                for c in engine.generate(m, max_new_tokens=max_new_tokens, speculate=speculate):
+                    times.append(time.perf_counter())
+                    n += len(c.token_ids)
+                    out += c.token_ids
+                    stats = c.stats
+                results[i] = dict(tokens=n, first=times[0], end=times[-1], ids=out, steps=stats.steps,
+                                  drafted=stats.draft_tokens, accepted=stats.accepted_tokens)
+            except Exception as e:  # noqa: BLE001 - reported, never hidden
+                errors.append(repr(e))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in results.values())
+    tpot = [1000 * (r["end"] - r["first"]) / (r["tokens"] - 1) for r in results.values() if r["tokens"] > 1]
+    steps = sum(r["steps"] for r in results.values())
+    return {"system": system, "concurrency": concurrency, "requests": len(messages), "errors": errors,
+            "tokens": tokens, "seconds": round(wall, 3), "tok_per_s": round(tokens / wall, 2),
+            "tpot_ms_p50": round(float(np.percentile(tpot, 50)), 2) if tpot else None,
+            "tpot_ms_p99": round(float(np.percentile(tpot, 99)), 2) if tpot else None,
+            "mat": round(tokens / max(steps, 1), 3),
+            "draft_nodes_per_step": round(sum(r["drafted"] for r in results.values()) / max(steps, 1), 2),
+            "outputs": {i: r["ids"] for i, r in results.items()}}
+
+
+def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min_requests: int = 8,
+                   store: str | None = None, mode: str = "auto", device: str = "auto",
+                   out_dir: str | Path = "results") -> dict:
+    from aded_ray.config import EngineConfig, VerifyConfig
+    from aded_ray.engine import Engine
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    engine = Engine(EngineConfig(store=store, verify=VerifyConfig(mode=mode, device=device),
+                                 max_batch=max(levels), max_waiting=4096))
+    for p in load_prompts("grounded"):              # warm-up: kernels, cost curve, the budget's estimates
+        list(engine.generate(p["messages"], max_new_tokens=max_new_tokens))
+    res = {"device": engine.device, "mode": engine.mode, "speculation": engine.speculate,
+           "max_new_tokens": max_new_tokens, "levels": []}
+    for c in levels:
+        msgs = _requests(max(2 * c, min_requests))
+        rows = [run_level(engine, s, msgs, c, max_new_tokens) for s in SYSTEMS]
+        same = sum(rows[0]["outputs"].get(i) == rows[2]["outputs"].get(i) == rows[1]["outputs"].get(i)
+                   for i in range(len(msgs)))
+        for r in rows:
+            r.pop("outputs")
+        level = {"concurrency": c, "requests": len(msgs), "identical_outputs": f"{same}/{len(msgs)}",
+                 "rows": rows}
+        res["levels"].append(level)
+        print(markdown_level(level), flush=True)
+    engine.shutdown()
+    (out_dir / "bench-load.json").write_text(json.dumps(res, indent=1))
+    (out_dir / "bench-load.md").write_text(markdown(res))
+    plot(res, out_dir / "bench-load.png")
+    return res
+
+
+HEAD = ("| concurrency | system | tok/s | vs one at a time | vs batched plain | TPOT p50 ms | TPOT p99 ms | "
+        "MAT | nodes/step | errors |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def markdown_level(level: dict) -> str:
+    rows = {r["system"]: r for r in level["rows"]}
+    one, plain = rows["one at a time"]["tok_per_s"], rows["batched plain"]["tok_per_s"]
+    out = []
+    for s in SYSTEMS:
+        r = rows[s]
+        out.append(f"| {level['concurrency']} | {s} | {r['tok_per_s']:.1f} | {r['tok_per_s'] / one:.2f}x | "
+                   f"{r['tok_per_s'] / plain:.2f}x | {r['tpot_ms_p50']} | {r['tpot_ms_p99']} | {r['mat']:.2f} | "
+                   f"{r['draft_nodes_per_step']:.1f} | {len(r['errors'])} |")
+    return "\n".join(out)
+
+
+def markdown(res: dict) -> str:
+    lines = [f"device `{res['device']}`, mode `{res['mode']}`, {res['max_new_tokens']} new tokens per request, "
+             "greedy; identical outputs across the three systems per level: " +
+             ", ".join(f"c={lv['concurrency']}: {lv['identical_outputs']}" for lv in res["levels"]), "", HEAD]
+    lines += [markdown_level(lv) for lv in res["levels"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    cs = [lv["concurrency"] for lv in res["levels"]]
+    for s in SYSTEMS:
+        rows = [next(r for r in lv["rows"] if r["system"] == s) for lv in res["levels"]]
+        a1.plot(cs, [r["tok_per_s"] for r in rows], "o-", label=s)
+        a2.plot(cs, [r["tpot_ms_p50"] for r in rows], "o-", label=s)
+    for a, yl in ((a1, "total tokens / s"), (a2, "time per output token, p50 (ms)")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("concurrent requests")
+        a.set_ylabel(yl)
+        a.legend(fontsize=8)
+    a1.set_title(f"SmolLM2-135M, {res['device']} ({res['mode']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,230 @@
+"""The scheduler with a fake model (literal logits, no torch model): joins, leaves, cancellation, ordering,
+per-request limits and caps, all in milliseconds. The fake's next token is a function of the request's whole
+committed sequence, so a request given another's KV slot (bad slot bookkeeping) changes its output."""
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from aded_ray.decode import FixedBudget, GenerationStats
+from aded_ray.draft.tree import DraftTree
+from aded_ray.scheduler import GenRequest, QueueFull, Scheduler
+from aded_ray.verify.accept import SamplingParams
+
+V = 50
+EOS = 0
+
+
+def next_token(seq) -> int:
+    """The fake model's greedy choice after ``seq``: EOS once the sequence is long enough."""
+    h = 7
+    for t in seq:
+        h = (h * 31 + int(t)) % 1_000_003
+    return EOS if len(seq) >= 30 + seq[0] % 7 else 1 + h % (V - 1)
+
+
+class FakeKV:
+    """Per slot the committed tokens; a pass's logits are one-hot on :func:`next_token` of each row's context."""
+
+    prefill_chunk = 4
+
+    def __init__(self, delay: float = 0.0):
+        self.slots, self.pending, self.delay, self.passes = [], [], delay, []
+
+    @property
+    def used(self):
+        return len(self.slots)
+
+    def add_slot(self):
+        self.slots.append([])
+        self.pending.append(None)
+        return len(self.slots) - 1
+
+    def move_slot(self, src, dst):
+        self.slots[dst] = list(self.slots[src])
+
+    def drop_last(self):
+        self.slots.pop()
+        self.pending.pop()
+
+    @property
+    def lens(self):
+        return np.array([len(s) for s in self.slots])
+
+    def prefill(self, slot, ids, start=0, max_tokens=None):
+        assert len(self.slots[slot]) == start
+        self.slots[slot] += list(ids[start:start + min(self.prefill_chunk, max_tokens or 99)])
+        if len(self.slots[slot]) < len(ids):
+            return None
+        x = torch.full((V,), -5.0)
+        x[next_token(self.slots[slot])] = 5.0
+        return x
+
+    def forward_trees(self, roots, trees, width=None):
+        time.sleep(self.delay)
+        B, W = len(trees), max(len(t) + 1 for t in trees)
+        self.passes.append((B, W))
+        out = torch.full((B, W, V), -5.0)
+        for r, (root, t) in enumerate(zip(roots, trees)):
+            ctx = [self.slots[r] + [root]]
+            for i in range(len(t)):
+                par = t.parents[i]
+                ctx.append((ctx[par + 1]) + [int(t.tokens[i])])
+            for row, c in enumerate(ctx):
+                out[r, row, next_token(c)] = 5.0
+            self.pending[r] = ctx
+        return out
+
+    def commit(self, keeps):
+        for r, keep in enumerate(keeps):
+            ctx = self.pending[r]
+            self.slots[r] = ctx[keep[-1]] if keep else self.slots[r]
+
+
+class OracleDrafter:
+    """Drafts the true continuation for a few tokens (and a wrong sibling), so steps accept several."""
+
+    def observe(self, seq):
+        pass
+
+    def draft(self, seq, max_nodes=None):
+        seq = list(seq)
+        toks, pars = [], []
+        for d in range(min(3, max_nodes or 3)):
+            t = next_token(seq)
+            toks.append(t)
+            pars.append(len(toks) - 2)
+            seq.append(t)
+        if max_nodes and max_nodes > len(toks):
+            toks.append((toks[0] + 1) % V or 1)
+            pars.append(-1)
+        order = sorted(range(len(toks)), key=lambda i: (pars[i] + 1 and 1 + sum(1 for _ in range(i)), i))
+        return DraftTree.from_paths([toks[:3], toks[3:4]] if len(toks) > 3 else [toks])
+
+
+def alone(prompt, max_new):
+    seq, out = list(prompt), []
+    while len(out) < max_new:
+        t = next_token(seq)
+        seq.append(t)
+        out.append(t)
+        if t == EOS:
+            break
+    return out
+
+
+def run(sched, prompt, max_new=60, **kw):
+    h = sched.submit(GenRequest(prompt, max_new, **kw), GenerationStats())
+    return [t for toks, _ in h for t in toks], h
+
+
+def make(max_batch=4, drafter=OracleDrafter(), budget=4, delay=0.0, max_waiting=64):
+    return Scheduler(FakeKV(delay), drafter, FixedBudget(budget), [EOS], max_batch=max_batch,
+                     max_waiting=max_waiting, default_max_nodes=8)
+
+
+PROMPTS = [[(3 * i + j) % (V - 1) + 1 for j in range(2 + i % 9)] for i in range(12)]
+
+
+@pytest.mark.parametrize("drafter, budget", [(OracleDrafter(), 4), (None, 0)])
+def test_concurrent_requests_equal_alone(drafter, budget):
+    s = make(max_batch=4, drafter=drafter, budget=budget)
+    res = {}
+
+    def go(i):
+        res[i] = run(s, PROMPTS[i], max_new=10 + 5 * i)[0]
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(PROMPTS))]
+    [t.start() for t in threads]
+    [t.join(10) for t in threads]
+    s.close()
+    for i, p in enumerate(PROMPTS):
+        assert res[i] == alone(p, 10 + 5 * i), i
+    assert max(b for b, _ in s.kv.passes) <= 4                      # never more than max_batch at once
+    assert max(b for b, _ in s.kv.passes) >= 2                      # and really batched
+    assert s.counters.finished == len(PROMPTS) and s.counters.aborted == 0
+    if drafter is not None:
+        assert s.counters.accepted_tokens > 0
+
+
+def test_cancel_mid_way_frees_the_slot_and_others_continue():
+    s = make(max_batch=2, delay=0.005)
+    h = s.submit(GenRequest(PROMPTS[0], 500), GenerationStats())
+    it = iter(h)
+    next(it)
+    h.cancel()
+    rest = list(it)                                                   # ends promptly
+    out, _ = run(s, PROMPTS[5], max_new=20)
+    assert out == alone(PROMPTS[5], 20)
+    assert s.counters.aborted == 1 and s.kv.used == 0 and len(rest) < 100
+    assert h.stats.finish_reason == "abort"
+    s.close()
+
+
+def test_fifo_admission_and_queue_limit():
+    s = make(max_batch=1, delay=0.05, max_waiting=2)
+    hs = [s.submit(GenRequest(PROMPTS[0], 5), GenerationStats())]
+    while s.running == 0:
+        time.sleep(0.001)
+    hs += [s.submit(GenRequest(PROMPTS[i], 5), GenerationStats()) for i in (1, 2)]     # 1 runs, 2 wait
+    assert s.waiting == 2
+    with pytest.raises(QueueFull):
+        s.submit(GenRequest(PROMPTS[9], 5), GenerationStats())
+    finished = []
+    for i, h in enumerate(hs):
+        list(h)
+        finished.append(i)
+    assert finished == [0, 1, 2]
+    s.close()
+
+
+def test_per_request_cap_and_speculation_switch():
+    s = make(max_batch=4, budget=8)
+    out, h = run(s, PROMPTS[3], max_new=30, speculate=False)
+    assert out == alone(PROMPTS[3], 30) and h.stats.draft_tokens == 0
+    out, h = run(s, PROMPTS[3], max_new=30, max_nodes=2)
+    assert out == alone(PROMPTS[3], 30) and 0 < h.stats.draft_tokens <= 2 * h.stats.steps
+    s.close()
+
+
+def test_limits_eos_and_stats_exact():
+    s = make()
+    for p in PROMPTS[:4]:
+        out, h = run(s, p, max_new=7)
+        ref = alone(p, 7)
+        assert out == ref
+        st = h.stats
+        assert st.emitted == len(ref) and st.finish_reason == ("stop" if ref[-1] == EOS else "length")
+        assert st.steps <= len(ref) and st.accepted_tokens <= st.draft_tokens
+    s.close()
+
+
+def test_seeded_sampling_under_batching_equals_alone():
+    p = SamplingParams(temperature=1.0, seed=5)
+    s1 = make(max_batch=1)
+    ref = run(s1, PROMPTS[2], max_new=20, sampling=p)[0]
+    s1.close()
+    s = make(max_batch=4)
+    res = {}
+
+    def go(i, sp):
+        res[i] = run(s, PROMPTS[2] if i == 0 else PROMPTS[i], max_new=20, sampling=sp)[0]
+
+    th = [threading.Thread(target=go, args=(i, p if i == 0 else SamplingParams())) for i in range(4)]
+    [t.start() for t in th]
+    [t.join(10) for t in th]
+    s.close()
+    assert res[0] == ref
+
+
+def test_a_failing_pass_fails_its_requests_not_the_scheduler():
+    s = make()
+    orig = s.kv.forward_trees
+    s.kv.forward_trees = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost"))
+    with pytest.raises(RuntimeError, match="device lost"):
+        run(s, PROMPTS[1], max_new=10)
+    s.kv.forward_trees = orig
+    assert run(s, PROMPTS[1], max_new=10)[0] == alone(PROMPTS[1], 10)
+    s.close()
