@@ -1,18 +1,19 @@
 """The decode step, end to end. Read this file to know what one speculative step does.
 
     logits = prefill(prompt)                        # KV = prompt
-    root   = pick(logits)                           # argmax, or a sample of the target distribution
-    loop:
-        commit root                                 # (stop here on EOS / max_new_tokens)
+    root   = pick(logits); emit root                # argmax, or a sample of the target distribution
+    loop (step_batch: every running request at once, one forward pass):
         drafter.observe(committed)                  # 1. adaptive update (verified tokens only)
-        k    = budget.choose()                      # 2. draft budget from the cost model (0 = plain step)
-        tree = drafter.draft(committed, k)          # 3. draft tree below root            [CPU, µs]
-        logits = verifier.forward_tree(root, tree)  # 4. one forward over root + tree     [model, ms]
-        path, bonus = accept(tree, logits)          # 5. longest agreeing path; the bonus token
-        drafter.observe_logits(top-k of logits)     #    the model's predictions at every node, recycled
-        verifier.commit([root] + path)              # 6. KV keeps root + accepted nodes only
-        commit path; root = bonus
+        k    = budget.choose(batch size)            # 2. draft budget from the cost model (0 = plain step)
+        tree = drafter.draft(committed, k)          # 3. draft tree below root, per request  [CPU, µs]
+        logits = kv.forward_trees(roots, trees)     # 4. one forward over every root + tree   [model, ms]
+        choices = reduce(logits)                    # 5. on the device: the target's token per row
+        path, bonus = walk(tree, choices)           #    longest agreeing path; the bonus token
+        kv.commit([root] + path)                    # 6. KV keeps root + accepted nodes only
+        drafter.observe_logits(top-k of each row)   #    the model's predictions at every node, recycled
+        emit path + [bonus]; root = bonus           #    (stop at EOS / max_new_tokens)
 
+:func:`generate_ids` runs one request through one verifier with the same step (a batch of one).
 The drafter, the verifier and the budget are the protocols of :mod:`aded_ray.interfaces`.
 
 Devices: the verifier's logits stay on the model's device. Each step reduces them there (the target's choice
@@ -61,6 +62,7 @@ class GenerationStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     finish_reason: str | None = None
+    ended_on_root: bool = False     # the last token was a root (first token or a bonus), never verified below
 
     @property
     def mat(self) -> float:
@@ -104,77 +106,32 @@ class FixedBudget:
 def generate_ids(verifier: Verifier, drafter: Drafter, prompt_ids, *, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), eos_ids=(), budget: Budget | None = None,
                  stats: GenerationStats | None = None) -> Iterator[list[int]]:
-    """Yield lists of newly committed token ids until EOS or ``max_new_tokens``.
+    """One request through one verifier: yield lists of newly committed token ids until EOS or
+    ``max_new_tokens`` (the first root after the prefill, then each step's accepted nodes and bonus).
 
-    EOS tokens are yielded (the caller decides whether to show them); ``stats.finish_reason`` is ``"stop"``
-    after EOS and ``"length"`` after ``max_new_tokens``. Closing the generator stops decoding at once.
-    An unseeded sampling request draws its seed here (fresh per request).
+    The same step as the scheduler's (:func:`step_batch` with a batch of one). EOS tokens are yielded (the
+    caller decides whether to show them); ``stats.finish_reason`` is ``"stop"`` after EOS and ``"length"``
+    after ``max_new_tokens``. Closing the generator stops decoding at once. An unseeded sampling request
+    draws its seed here (fresh per request).
     """
+    from aded_ray.verify.batch import SerialKV
+
     stats = stats if stats is not None else GenerationStats()
     budget = budget if budget is not None else FixedBudget()
     if not sampling.greedy and sampling.seed is None:
         sampling = replace(sampling, seed=secrets.randbits(63))
-    eos = set(int(e) for e in eos_ids)
-    recycle = getattr(drafter, "observe_logits", None)
-    top_k = RECYCLE_K if recycle is not None else 0
-    committed = [int(t) for t in prompt_ids]
-    stats.prompt_tokens = len(committed)
+    top_k = RECYCLE_K if hasattr(drafter, "observe_logits") else 0
+    st = RequestState(list(prompt_ids), max_new_tokens, sampling, frozenset(int(e) for e in eos_ids), drafter,
+                      1 << 20, stats)
+    stats.prompt_tokens = len(st.prompt_ids)
+    kv = SerialKV(lambda: verifier)
+    kv.add_slot()
     t0 = time.perf_counter()
-    rows = reduce_rows(verifier.prefill(committed), sampling, positions=[0], top_k=top_k)
+    rows = reduce_rows(kv.prefill(0, st.prompt_ids), sampling, positions=[0], top_k=top_k)
     stats.prefill_s = time.perf_counter() - t0
-    if recycle is not None:
-        recycle_predictions(recycle, committed, DraftTree(), rows)
-    root = int(rows.tokens[0])
-    produced = 0
-    while True:
-        committed.append(root)
-        produced += 1
-        stats.emitted += 1
-        if root in eos or produced >= max_new_tokens:
-            stats.finish_reason = "stop" if root in eos else "length"
-            yield [root]
-            return
-        t0 = time.perf_counter()
-        seq = np.asarray(committed, np.int32)
-        drafter.observe(seq)
-        k = budget.choose()
-        tree = drafter.draft(seq, k) if k > 0 else DraftTree()
-        t1 = time.perf_counter()
-        logits = verifier.forward_tree(root, tree)
-        rows = reduce_rows(logits, sampling, positions=produced + row_depths(tree), top_k=top_k)
-        del logits
-        path, bonus = walk(tree, rows.tokens)
-        verifier.commit([0] + [i + 1 for i in path])
-        t2 = time.perf_counter()
-        if recycle is not None:
-            recycle_predictions(recycle, committed, tree, rows)
-        stats.draft_s += t1 - t0 + time.perf_counter() - t2
-        stats.verify_s += t2 - t1
-        stats.steps += 1
-        if len(tree):
-            stats.drafts += 1
-            stats.draft_tokens += len(tree)
-            stats.accepted_tokens += len(path)
-        ranks = tree.ranks()
-        budget.observe(k, len(tree), [int(ranks[i]) for i in path])
-        budget.observe_cost(len(tree) + 1, 1000 * (t2 - t1))
-        out = [root]
-        finish = None
-        for i in path:
-            t = int(tree.tokens[i])
-            committed.append(t)
-            out.append(t)
-            produced += 1
-            stats.emitted += 1
-            if t in eos or produced >= max_new_tokens:
-                finish = "stop" if t in eos else "length"
-                break
-        if finish is not None:
-            stats.finish_reason = finish
-            yield out
-            return
-        yield out
-        root = bonus
+    yield st.start(rows)
+    while st.finish is None:
+        yield step_batch(kv, [st], budget, top_k)[0]
 
 
 # ---- the same step for many requests at once (the scheduler's; aded_ray/scheduler.py) -----------------
@@ -205,9 +162,9 @@ class RequestState:
         return self._emit([self.root])
 
     def _emit(self, tokens: list[int]) -> list[int]:
-        """Commit ``tokens`` (root first, then accepted nodes) up to EOS or the limit; the emitted ones."""
+        """Commit ``tokens`` (accepted nodes, then the next root) up to EOS or the limit; the emitted ones."""
         out = []
-        for t in tokens:
+        for i, t in enumerate(tokens):
             self.committed.append(t)
             self.produced += 1
             self.stats.emitted += 1
@@ -215,6 +172,7 @@ class RequestState:
             if t in self.eos or self.produced >= self.max_new_tokens:
                 self.finish = "stop" if t in self.eos else "length"
                 self.stats.finish_reason = self.finish
+                self.stats.ended_on_root = i == len(tokens) - 1
                 break
         return out
 
@@ -258,6 +216,6 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
         if min(b, st.max_nodes) > 0:        # an empty draft teaches the budget too (nothing accepted)
             ranks = tree.ranks()
             budget.observe(min(b, st.max_nodes), len(tree), [int(ranks[i]) for i in path])
-        out.append(st._emit([int(tree.tokens[i]) for i in path] + [bonus]))   # the bonus: next root
+        out.append(st._emit([int(tree.tokens[i]) for i in path] + [bonus]))   # the bonus: the next root
         st.root = bonus
     return out

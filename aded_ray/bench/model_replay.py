@@ -53,7 +53,7 @@ def model_replay(traces: list[dict], drafter, model, budget: int, name: str = "d
         res.traces += 1
         # a request that ends on a root alone (EOS / length right after a step's bonus) took one more
         # step in replay's accounting, which drafts below every root
-        res.steps += stats.steps + (len(last) == 1)
+        res.steps += stats.steps + stats.ended_on_root
         res.emitted += len(got)
         res.nodes += stats.draft_tokens
         res.empty_steps += stats.steps - stats.drafts

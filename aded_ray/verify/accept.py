@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from aded_ray.draft.tree import DraftTree
+from aded_ray.errors import InvalidParameter
 
 MIN_TEMPERATURE = 1e-4   # below this, logits / T overflow float64 ranges for real models: use 0 (greedy)
 
@@ -47,14 +48,14 @@ class SamplingParams:
     def __post_init__(self):
         t = self.temperature
         if not (np.isfinite(t) and (t == 0.0 or MIN_TEMPERATURE <= t <= 100.0)):
-            raise ValueError(f"temperature {t} must be 0 (greedy) or a finite number in "
-                             f"[{MIN_TEMPERATURE}, 100]")
+            raise InvalidParameter("temperature", f"temperature {t} must be 0 (greedy) or a finite number in "
+                                                  f"[{MIN_TEMPERATURE}, 100]")
         if not (np.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p {self.top_p} must be in (0, 1]")
+            raise InvalidParameter("top_p", f"top_p {self.top_p} must be in (0, 1]")
         if self.top_k < 0:
-            raise ValueError(f"top_k {self.top_k} must be >= 0 (0 = off)")
+            raise InvalidParameter("top_k", f"top_k {self.top_k} must be >= 0 (0 = off)")
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed {self.seed} must be in [0, 2**63)")
+            raise InvalidParameter("seed", f"seed {self.seed} must be in [0, 2**63)")
 
     @property
     def greedy(self) -> bool:
