@@ -475,7 +475,7 @@ def main(argv=None) -> int:
     bl = sub.add_parser("bench-load", help="tokens/s and time per output token at rising concurrency")
     bl.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     bl.add_argument("--max-new-tokens", type=int, default=64)
-    bl.add_argument("--min-requests", type=int, default=8, help="requests per level: max(2 x level, this)")
+    bl.add_argument("--min-requests", type=int, default=8, help="requests per level: max(4 x level, this)")
     bl.add_argument("--store", default=None)
     bl.add_argument("--mode", default="auto")
     bl.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -1,7 +1,8 @@
 """``aded bench-load``: throughput and latency under concurrent requests, side by side in one process.
 
 At each concurrency c, c closed-loop clients (threads) send the same list of requests (MT-Bench and HumanEval
-prompts, greedy, ``max_new_tokens`` each; ``max(2c, min_requests)`` of them) through one engine, in turn as:
+prompts, greedy, ``max_new_tokens`` each; ``max(4c, min_requests)`` of them) through one engine, as each of
+(in two rounds of half the requests, the three systems interleaved in each round):
 
 - ``one at a time``: the scheduler limited to one running request (the engine before batching: every other
   request waits), speculative with the ``auto`` budget;
@@ -75,16 +76,27 @@ def run_level(engine, system: str, messages: list, concurrency: int, max_new_tok
     [t.start() for t in threads]
     [t.join() for t in threads]
     wall = time.perf_counter() - t0
-    tokens = sum(r["tokens"] for r in results.values())
     tpot = [1000 * (r["end"] - r["first"]) / (r["tokens"] - 1) for r in results.values() if r["tokens"] > 1]
-    steps = sum(r["steps"] for r in results.values())
-    return {"system": system, "concurrency": concurrency, "requests": len(messages), "errors": errors,
+    return {"system": system, "concurrency": concurrency, "errors": errors, "seconds": wall, "tpot": tpot,
+            "tokens": sum(r["tokens"] for r in results.values()), "steps": sum(r["steps"] for r in results.values()),
+            "drafted": sum(r["drafted"] for r in results.values()),
+            "outputs": {i: r["ids"] for i, r in results.items()}}
+
+
+def _merge(parts: list[dict], offset: int) -> dict:
+    """One row from the rounds of a system: tokens and seconds summed, TPOT percentiles over all requests."""
+    tokens, wall = sum(p["tokens"] for p in parts), sum(p["seconds"] for p in parts)
+    tpot = [t for p in parts for t in p["tpot"]]
+    steps = sum(p["steps"] for p in parts)
+    outputs = {i + k * offset: ids for k, p in enumerate(parts) for i, ids in p["outputs"].items()}
+    return {"system": parts[0]["system"], "concurrency": parts[0]["concurrency"],
+            "requests": len(outputs), "errors": [e for p in parts for e in p["errors"]],
             "tokens": tokens, "seconds": round(wall, 3), "tok_per_s": round(tokens / wall, 2),
             "tpot_ms_p50": round(float(np.percentile(tpot, 50)), 2) if tpot else None,
             "tpot_ms_p99": round(float(np.percentile(tpot, 99)), 2) if tpot else None,
             "mat": round(tokens / max(steps, 1), 3),
-            "draft_nodes_per_step": round(sum(r["drafted"] for r in results.values()) / max(steps, 1), 2),
-            "outputs": {i: r["ids"] for i, r in results.items()}}
+            "draft_nodes_per_step": round(sum(p["drafted"] for p in parts) / max(steps, 1), 2),
+            "outputs": outputs}
 
 
 def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min_requests: int = 8,
@@ -102,8 +114,14 @@ def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min
     res = {"device": engine.device, "mode": engine.mode, "speculation": engine.speculate,
            "max_new_tokens": max_new_tokens, "levels": []}
     for c in levels:
-        msgs = _requests(max(2 * c, min_requests))
-        rows = [run_level(engine, s, msgs, c, max_new_tokens) for s in SYSTEMS]
+        msgs = _requests(max(4 * c, min_requests))
+        halves = [msgs[: len(msgs) // 2], msgs[len(msgs) // 2:]]
+        # two rounds, the systems interleaved in each, so a burst of load on the machine hits all three alike
+        parts = {s: [] for s in SYSTEMS}
+        for h in halves:
+            for s in SYSTEMS:
+                parts[s].append(run_level(engine, s, h, c, max_new_tokens))
+        rows = [_merge(parts[s], len(halves[0])) for s in SYSTEMS]
         same = sum(rows[0]["outputs"].get(i) == rows[2]["outputs"].get(i) == rows[1]["outputs"].get(i)
                    for i in range(len(msgs)))
         for r in rows:
