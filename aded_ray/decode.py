@@ -200,6 +200,8 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
     kv.commit([[0] + [i + 1 for i in path] for path, _ in walks])
     t2 = time.perf_counter()
     budget.observe_cost(len(states) * width, 1000 * (t2 - t1))
+    if b > 0 and hasattr(budget, "observe_draft"):
+        budget.observe_draft(1000 * (t1 - t0) / len(states))
     out = []
     for st, tree, r, (path, bonus) in zip(states, trees, rows, walks):
         recycle = getattr(st.drafter, "observe_logits", None)

@@ -71,3 +71,20 @@ def test_empty_drafts_teach_every_budget():
     for _ in range(30):
         b.observe(7, 0, [])                                  # the drafter had nothing to propose
     assert all(b.acc[g] == 0 for g in b.grid)
+
+
+def test_trees_shrink_as_the_batch_grows_and_exploration_stops_where_it_cannot_pay():
+    # a CPU-like curve: 16 tokens cost 1.4x one token, 512 tokens 30x
+    c = CostCurve({1: 35, 8: 42, 16: 50, 64: 120, 256: 450, 512: 1000})
+    b = AdaptiveBudget(c, explore_every=1)
+    b.acc.update({g: min(2.0, 0.3 * g ** 0.5) for g in b.grid if g})
+    sizes = [b.best(batch) for batch in (1, 4, 16, 64)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0 and sizes[-1] == 0
+    assert b.choose(64) == 0                     # no exploration: even 1 accepted per node could not pay
+
+
+def test_measured_drafting_time_is_learnt():
+    b = AdaptiveBudget(CostCurve({1: 30, 64: 31}))
+    for _ in range(200):
+        b.observe_draft(2.0)
+    assert b.draft_ms == pytest.approx(2.0, rel=0.01)

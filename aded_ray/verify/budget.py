@@ -90,10 +90,11 @@ class AdaptiveBudget:
         nodes is a part of the larger one), so a stale or noisy estimate cannot pin the budget small."""
         return max(self.acc[g] for g in self.grid if g <= b)
 
-    def expected_rate(self, b: int, batch: int = 1) -> float:
+    def expected_rate(self, b: int, batch: int = 1, accepted: float | None = None) -> float:
         """Expected committed tokens per ms at budget ``b`` for a pass carrying ``batch`` requests (each
         with its root and b nodes: ``batch * (b + 1)`` tokens; drafting runs one request after another)."""
-        return batch * (1.0 + self.accepted(b)) / (self.cost(batch * (b + 1)) + (batch * self.draft_ms if b else 0.0))
+        acc = self.accepted(b) if accepted is None else accepted
+        return batch * (1.0 + acc) / (self.cost(batch * (b + 1)) + (batch * self.draft_ms if b else 0.0))
 
     def best(self, batch: int = 1) -> int:
         return max(self.grid, key=lambda b: self.expected_rate(b, batch))
@@ -105,10 +106,19 @@ class AdaptiveBudget:
         b = self.best(batch)
         if self.explore_every and self.steps % self.explore_every == 0:
             i = self.grid.index(b)
+            # one grid step up, unless even a full acceptance at that budget could not pay for its pass
+            # (under a large batch exploring would only slow everyone down)
             if i + 1 < len(self.grid):
-                b = self.grid[i + 1]
+                up = self.grid[i + 1]
+                if self.expected_rate(up, batch, accepted=up) >= self.expected_rate(b, batch):
+                    b = up
         self.last = b
         return b
+
+    def observe_draft(self, ms_per_request: float, rate: float = 0.05) -> None:
+        """Drafting time of one request's tree, measured (it grows with the drafter's state)."""
+        if np.isfinite(ms_per_request) and ms_per_request >= 0:
+            self.draft_ms += rate * (ms_per_request - self.draft_ms)
 
     def observe(self, budget: int, n_nodes: int, path: list[int]) -> None:
         """Record a verified step drafted with ``budget``: accepted node indices ``path`` (increasing).
