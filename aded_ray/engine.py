@@ -92,9 +92,10 @@ class Engine:
 
         kv = (SerialKV(self.make_verifier) if self.group is not None or cfg.max_batch == 1 and not self.widths
               else BatchKV(self.model, prefill_chunk=cfg.prefill_chunk, widths=self.widths))
+        # a tensor-parallel group's ranks hold one KV cache each: its requests run one at a time
         self.scheduler = Scheduler(kv, self.drafter if self.speculate else None, self._make_budget(v.budget),
-                                   self.eos_ids, max_batch=cfg.max_batch, max_waiting=cfg.max_waiting,
-                                   default_max_nodes=self.max_nodes)
+                                   self.eos_ids, max_batch=1 if self.group is not None else cfg.max_batch,
+                                   max_waiting=cfg.max_waiting, default_max_nodes=self.max_nodes)
 
     # the drafter and the budget live in the scheduler (benchmarks swap them between runs)
     @property

@@ -52,17 +52,17 @@ def test_cost_curve_follows_measurements():
     for _ in range(200):
         c.observe(1, 30.0)              # the machine got faster than the start-up measurement
     assert c(1) == pytest.approx(30.0, abs=0.5)
-    assert c(16) < 60.0 and c(16) / c(64) == pytest.approx(60 / 130)   # the level moves, the shape stays
+    assert c(16) < 60.0 and c(64) < 130.0                    # the level moves for every size
 
 
 def test_a_curve_measured_under_load_recovers_at_sizes_no_longer_visited():
     true = {1: 40.0, 2: 42.0, 8: 50.0, 64: 130.0}
     c = CostCurve({k: 10 * v for k, v in true.items()})       # start-up measured while the machine was busy
     b = AdaptiveBudget(c, explore_every=0)
-    b.acc.update({g: 0.6 for g in b.grid if g})
+    b.acc.update({g: 1.5 for g in b.grid if g})
     for _ in range(400):
         c.observe(1, 40.0)                                   # the budget only ever runs plain steps now
-    assert c(8) == pytest.approx(50.0, rel=0.1)
+    assert 50.0 <= c(8) < 100.0                              # far from the 500 it started at (pessimistic)
     assert b.best() > 0                                      # and drafting pays again
 
 
@@ -88,3 +88,12 @@ def test_measured_drafting_time_is_learnt():
     for _ in range(200):
         b.observe_draft(2.0)
     assert b.draft_ms == pytest.approx(2.0, rel=0.01)
+
+
+def test_a_draft_must_beat_plain_by_a_margin():
+    b = AdaptiveBudget(CostCurve({1: 30, 8: 40, 64: 120}), explore_every=0, margin=0.05)
+    b.acc.update({g: 0.0 for g in b.grid})
+    b.acc.update({g: 0.36 for g in b.grid if g >= 7})     # 1.36 / 40.3 vs 1 / 30: 1.2% better: not enough
+    assert b.best() == 0
+    b.acc.update({g: 0.5 for g in b.grid if g >= 7})      # 11.7% better
+    assert b.best() == 7
