@@ -174,10 +174,10 @@ def sync(verifier) -> None:
         torch.cuda.synchronize(dev)
 
 
-BATCH_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)   # total tokens of a batched pass
+BATCH_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)   # total tokens of a batched pass (proportional beyond)
 
 
-def measure_cost_curve(model, ks=BATCH_KS, cache_len: int = 128, reps: int = 5) -> CostCurve:
+def measure_cost_curve(model, ks=BATCH_KS, cache_len: int = 128, reps: int = 3) -> CostCurve:
     """Median ms of a k-token tree pass (a chain) over a ``cache_len``-token prefix, for each k.
 
     ``model`` is a model or a verifier factory (e.g. a tensor-parallel group's)."""
