@@ -249,3 +249,190 @@ def test_finished_requests_are_shared_as_fleet_history(server, store_file):
     finally:
         sa.close()
         sb.close()
+
+
+# ---- privacy, retention, tenants, start-up without Redis, exactly-once ------------------------------------
+def test_local_redis_is_private_to_its_owner(tmp_path):
+    import os
+    import stat
+
+    from aded_ray.store.server import load_or_create_password
+
+    pw_file = tmp_path / "secrets" / "password"
+    pw = load_or_create_password(pw_file)
+    assert len(pw) >= 32 and load_or_create_password(pw_file) == pw            # generated once, then kept
+    assert stat.S_IMODE(os.stat(pw_file).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(pw_file.parent).st_mode) == 0o700
+    srv = RedisServer(tmp_path / "data", password=pw, appendonly=True)
+    try:
+        assert stat.S_IMODE(os.stat(srv.data_dir).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(srv.conf_path).st_mode) == 0o600
+        cmdline = open(f"/proc/{srv.proc.pid}/cmdline", "rb").read()
+        assert pw.encode() not in cmdline                                    # not visible in `ps`
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=srv.port).ping()                                  # no password: refused
+        r = redis.Redis.from_url(srv.url)
+        assert r.config_get("protected-mode")["protected-mode"] == "yes"
+        assert r.config_get("bind")["bind"] == "127.0.0.1"
+        r.set("k", "v")
+        r.bgrewriteaof()
+        time.sleep(0.5)
+        files = [p for p in srv.data_dir.rglob("*") if p.is_file()]
+        assert files and all(not stat.S_IMODE(os.stat(p).st_mode) & 0o077 for p in files), \
+            [(p, oct(os.stat(p).st_mode)) for p in files]                      # AOF included: owner only
+    finally:
+        srv.stop(kill=True)
+
+
+def test_aded_serve_starts_redis_with_a_generated_password(tmp_path, monkeypatch):
+    import os
+    import stat
+    import subprocess
+
+    from aded_ray import cli
+
+    seen = {}
+    real_popen = subprocess.Popen
+
+    def popen(cmd, **kw):                               # `serve run` is faked; redis-server really starts
+        return FakeServeRun(cmd, **kw) if cmd[0].endswith("serve") else real_popen(cmd, **kw)
+
+    class FakeServeRun:
+        def __init__(self, cmd, env, preexec_fn):
+            seen["env"] = env
+            r = redis.Redis.from_url(env["ADED_REDIS_URL"], password=env["ADED_REDIS_PASSWORD"])
+            seen["ping"] = r.ping()
+            with pytest.raises(redis.AuthenticationError):
+                redis.Redis.from_url(env["ADED_REDIS_URL"]).ping()
+
+        def wait(self, timeout=None):
+            return 0
+
+    import signal
+
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # _serve's SIGTERM handler: not in the test process
+    monkeypatch.setenv("ADED_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ADED_REDIS_URL", raising=False)
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    assert cli.main(["serve", "deployments/aded.yaml"]) == 0
+    env = seen["env"]
+    assert seen["ping"] and "@" not in env["ADED_REDIS_URL"] and len(env["ADED_REDIS_PASSWORD"]) >= 32
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "aded_ray.serve.proxy:middlewares"
+    pw_file = tmp_path / "redis" / "password"
+    assert pw_file.read_text().strip() == env["ADED_REDIS_PASSWORD"]
+    assert stat.S_IMODE(os.stat(pw_file).st_mode) == 0o600
+
+
+def test_tenants_do_not_share_unless_they_use_the_same_namespace(server, store_file):
+    from aded_ray.draft.best import BestDrafter
+
+    ms = [TrigramMatrix.load(store_file) for _ in range(3)]
+    ds = [BestDrafter(m) for m in ms]
+    a = SharedStore(ms[0], server.url, drafter=ds[0], tenant="alice", flush_interval_s=0.02, pull_interval_s=0.02)
+    b = SharedStore(ms[1], server.url, drafter=ds[1], tenant="bob", flush_interval_s=0.02, pull_interval_s=0.02)
+    a2 = SharedStore(ms[2], server.url, drafter=ds[2], tenant="alice", flush_interval_s=0.02, pull_interval_s=0.02)
+    try:
+        secret = [11, 12, 150, 151, 152, 153, 154, 155]
+        ds[0].observe(secret)
+        ds[0].observe([7, 7])                           # the first request is finished: history + deltas
+        assert wait_until(lambda: len(a2._hist_in) == 1 and len(a2._inbox) > 0)   # the same tenant: shared
+        time.sleep(0.5)
+        b.pull()
+        assert not b._hist_in and not [x for x in b._inbox if not isinstance(x[0], str)]  # the other: nothing
+        assert b.k_counts != a.k_counts and a.k_counts == a2.k_counts
+        r = redis.Redis.from_url(server.url)
+        assert not r.exists(b.k_counts)
+        with pytest.raises(ValueError, match="tenant"):
+            SharedStore(TrigramMatrix.load(store_file), server.url, tenant="a}b", start=False)
+    finally:
+        for s in (a, b, a2):
+            s.close()
+
+
+def test_history_switch_and_retention(server, store_file):
+    from aded_ray.draft.best import BestDrafter
+
+    m = TrigramMatrix.load(store_file)
+    d = BestDrafter(m)
+    off = SharedStore(m, server.url, drafter=d, share_history=False, start=False)
+    d.observe([1, 2, 3, 4, 5])
+    d.observe([9, 9])                                   # a finished request, never published
+    off.flush()
+    r = redis.Redis.from_url(server.url)
+    assert not r.exists(off.k_hist) and d.journal is None
+    assert r.hlen(off.k_counts) > 0                      # the counts are still shared (redis_url: off stops that)
+    off.close(flush=False)
+
+    m2 = TrigramMatrix.load(store_file)
+    d2 = BestDrafter(m2)
+    on = SharedStore(m2, server.url, drafter=d2, tenant="retention", retention_s=2.0, state_ttl_s=60,
+                     hist_maxlen=100, start=False)
+    for i in range(3):
+        d2.observe([20 + i, 21 + i, 22 + i])            # two finished requests
+    on.flush()
+    assert r.xlen(on.k_hist) == 2 and r.xlen(on.k_log) == 1
+    assert 0 < r.pttl(on.k_hist) <= 2000 and 0 < r.pttl(on.k_log) <= 2000 and 0 < r.pttl(on.k_counts) <= 60_000
+    time.sleep(1.2)
+    d2.observe([90, 91, 92])                            # one more, 1.2 s later
+    on.flush()
+    assert r.xlen(on.k_hist) == 3 and r.xlen(on.k_log) == 2
+    time.sleep(1.0)
+    on.retain()                                         # the first ones are past the 2 s retention now
+    assert r.xlen(on.k_hist) == 1 and r.xlen(on.k_log) == 1
+    time.sleep(2.1)
+    assert not r.exists(on.k_hist) and not r.exists(on.k_log)   # nobody wrote: the streams expired
+    assert r.exists(on.k_counts)
+    on.close(flush=False)
+
+
+def test_a_store_started_while_redis_is_down_serves_then_syncs(tmp_path, store_file):
+    from aded_ray.store.server import free_port
+
+    port = free_port()
+    m = TrigramMatrix.load(store_file)
+    t0 = time.time()
+    s = SharedStore(m, f"redis://127.0.0.1:{port}/0", flush_interval_s=0.02, pull_interval_s=0.02,
+                    socket_timeout_s=0.2)
+    assert time.time() - t0 < 2 and s.stats["redis_up"] == 0 and not s.synced   # no wait for Redis
+    m.update([1, 2, 3, 4, 5])                           # decoding learns locally meanwhile
+    srv = RedisServer(tmp_path / "late", port=port)
+    try:
+        other = TrigramMatrix.load(store_file)
+        o = SharedStore(other, srv.url, start=False)     # someone else's counts were there first
+        other.update([7, 8, 9])
+        o.flush()
+        o.close(flush=False)
+        assert wait_until(lambda: s.synced and s.stats["redis_up"] == 1 and not s._outbox_n, timeout=15)
+        m.update([1, 2, 3])                              # the next update drains the loaded state
+        r = redis.Redis(port=port)
+        assert wait_until(lambda: sum(int(v) for v in r.hgetall(s.k_counts).values()) == 3 + 1 + 1, timeout=10)
+        assert m.deltas()[2].sum() == 3 + 1 + 1         # own (3 then 1) + the other's (1): nothing lost or doubled
+        assert s.stats["warm_starts"] == 1
+    finally:
+        s.close()
+        srv.stop(kill=True)
+
+
+def test_a_batch_whose_reply_was_lost_counts_once(server, store_file):
+    m = TrigramMatrix.load(store_file)
+    s = SharedStore(m, server.url, start=False)
+    real = s._flush
+    calls = []
+
+    def applied_then_lost(**kw):                        # Redis applies the batch, the reply never arrives
+        calls.append(1)
+        out = real(**kw)
+        if len(calls) == 1:
+            raise redis.ConnectionError("connection lost before the reply")
+        return out
+
+    s._flush = applied_then_lost
+    m.update([1, 2, 3, 4])
+    with pytest.raises(redis.ConnectionError):
+        s.flush()
+    assert s._retry is not None
+    s.flush()                                           # the same batch again: skipped by the script
+    r = redis.Redis.from_url(server.url)
+    assert sum(int(v) for v in r.hgetall(s.k_counts).values()) == 2 and r.xlen(s.k_log) == 1
+    assert s.stats["duplicates_skipped"] == 1 and s.stats["flushed_counts"] == s.stats["recorded_counts"] == 2
+    s.close(flush=False)

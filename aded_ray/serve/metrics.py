@@ -21,8 +21,11 @@ class SpecMetrics:
         self.tree = Histogram("aded_tree_size", "Draft nodes per step", [1, 2, 4, 8, 16, 32, 64, 128], tags)
         self.redis_up = Gauge("aded_store_redis_up", "1 when the shared tri-gram store's Redis answers", tags)
         self.running = Gauge("aded_num_requests_running", "Requests being decoded", tags)
+        self.speculation = Gauge("aded_speculation_enabled",
+                                 "1 when the replica speculates; 0 when its verify mode failed the start-up "
+                                 "exactness check or speculation is configured off", tags)
         for m in (self.drafts, self.draft_tokens, self.accepted, self.emitted, self.requests, self.draft_ms,
-                  self.verify_ms, self.tree, self.redis_up, self.running):
+                  self.verify_ms, self.tree, self.redis_up, self.running, self.speculation):
             m.set_default_tags(dict(self.tags))  # a copy: Serve adds its own tags to the dict
 
     def record_request(self, stats) -> None:
