@@ -36,7 +36,7 @@ DRAIN_S = GRACE_S - 15
 def serve_config(local: dict) -> dict:
     cfg = copy.deepcopy(local)
     cfg["proxy_location"] = "EveryNode"
-    cfg["http_options"] = {"host": "0.0.0.0", "port": 8000}
+    cfg["http_options"] = {**cfg.get("http_options", {}), "host": "0.0.0.0", "port": 8000}
     app = cfg["applications"][0]
     app["args"].update(K8S_APP_ARGS)                # num_replicas "auto": replicas come from autoscaling
     app["runtime_env"] = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
@@ -65,6 +65,8 @@ def rayservice(local: dict) -> dict:
         {"name": "ADED_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "aded-redis", "key": "password"}}},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": str(DRAIN_S)},
+        # the guard in front of Serve's HTTP proxy (body/header limits, timeouts, OpenAI error bodies)
+        {"name": "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "value": "aded_ray.serve.proxy:middlewares"},
     ]
     metrics = {"containerPort": 8080, "name": "metrics"}
     head = {
