@@ -53,9 +53,10 @@ class VerifyConfig(_Strict):
     # Fixed pass widths (tokens per pass after the prefill; every pass padded to the smallest that holds it):
     # "auto" = [64] on CUDA (a pass costs the same for 1 and 64 tokens there; fixed shapes), none on CPU.
     widths: Literal["auto"] | list[int] = "auto"
-    # ms per forward pass of k new tokens, e.g. {1: 34, 8: 40, 16: 51, 64: 133}; None = measure at start-up
-    # (once per machine, model and mode; cached in $ADED_CACHE_DIR/cost)
-    cost_curve: dict[int, float] | None = None
+    # ms per verification pass: {width: ms} for one request (e.g. {1: 34, 8: 40, 64: 133}; more requests cost
+    # proportionally more) or {batch: {width: ms}}; None = measure at start-up on the engine's own batched KV
+    # (once per machine, model, mode and batch grid; cached in $ADED_CACHE_DIR/cost)
+    cost_curve: dict[int, float] | dict[int, dict[int, float]] | None = None
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -34,7 +34,6 @@ class Engine:
                  tp_bundle_offset: int | None = None):
         from aded_ray.draft.matrix import TrigramMatrix
         from aded_ray.paths import cache_dir
-        from aded_ray.verify.budget import CostCurve, cached_cost_curve
         from aded_ray.verify.loading import load_tokenizer, resolve_model
         from aded_ray.verify.exactness import check_exactness, check_shapes
         from aded_ray.verify.modes import load_for_mode
@@ -80,18 +79,15 @@ class Engine:
         self.speculate = self.speculation_off_reason is None
         self.matrix = self._load_matrix(cfg.store, TrigramMatrix)
         self._drafter = self._make_drafter() if self.speculate else NoDraft()
-        self.cost = None
-        if self.speculate:
-            mode_key = self.mode if v.tp_size == 1 else f"{self.mode}-tp{v.tp_size}"
-            mode_key += f"-{self.device}" + "".join(f"-w{w}" for w in self.widths)
-            self.cost = (CostCurve(v.cost_curve) if v.cost_curve else
-                         cached_cost_curve(self.make_verifier, str(self.model_path), mode_key, cache_dir() / "cost"))
         self._lock = threading.Lock()
         from aded_ray.scheduler import Scheduler
         from aded_ray.verify.batch import BatchKV, SerialKV
 
-        kv = (SerialKV(self.make_verifier) if self.group is not None or cfg.max_batch == 1 and not self.widths
-              else BatchKV(self.model, prefill_chunk=cfg.prefill_chunk, widths=self.widths))
+        make_kv = (lambda: SerialKV(self.make_verifier)) if (
+            self.group is not None or cfg.max_batch == 1 and not self.widths) else (
+            lambda: BatchKV(self.model, prefill_chunk=cfg.prefill_chunk, widths=self.widths))
+        kv = make_kv()
+        self.cost = self._pass_cost(make_kv, isinstance(kv, BatchKV)) if self.speculate else None
         # a tensor-parallel group's ranks hold one KV cache each: its requests run one at a time
         self.scheduler = Scheduler(kv, self.drafter if self.speculate else None, self._make_budget(v.budget),
                                    self.eos_ids, max_batch=1 if self.group is not None else cfg.max_batch,
@@ -115,6 +111,32 @@ class Engine:
         self._drafter = value
         if hasattr(self, "scheduler"):
             self.scheduler.drafter = value if self.speculate else None
+
+    def _pass_cost(self, make_kv, batched: bool):
+        """What a verification pass costs here, per (batch, width): measured on this engine's own kind of KV
+        once per machine, model, mode and grid (cached; re-measured when a quick probe disagrees)."""
+        from aded_ray.paths import cache_dir
+        from aded_ray.verify.cost import (PassCost, cached_pass_cost, measure_cost_curve, measure_pass_cost,
+                                          pass_grid)
+
+        v = self.config.verify
+        if v.cost_curve:
+            nested = all(isinstance(x, dict) for x in v.cost_curve.values())
+            return PassCost(v.cost_curve if nested else {1: v.cost_curve}, self.widths)
+        mode_key = self.mode if v.tp_size == 1 else f"{self.mode}-tp{v.tp_size}"
+        mode_key += f"-{self.device}" + "".join(f"-w{w}" for w in self.widths)
+        if batched:
+            grid = pass_grid(self.config.max_batch, self.max_nodes + 1, self.widths,
+                             max_tokens=1024 if self.device.startswith("cuda") else 256)
+            top = max(grid)
+            probe_grid = {1: [w for w in grid[1] if w in (1, 8)] or grid[1][:1], top: grid[top][:1]}
+            measure = lambda g, reps=3: measure_pass_cost(make_kv, g, reps=reps, widths=self.widths)  # noqa: E731
+            key = f"{self.model_path}|{mode_key}|batched|{sorted(grid.items())}"
+            return cached_pass_cost(lambda: measure(grid), lambda: measure(probe_grid, 5), key, cache_dir() / "cost")
+        key = f"{self.model_path}|{mode_key}|serial"
+        return cached_pass_cost(lambda: PassCost(measure_cost_curve(self.make_verifier), self.widths),
+                                lambda: PassCost(measure_cost_curve(self.make_verifier, ks=(1, 8), reps=5)),
+                                key, cache_dir() / "cost")
 
     def _make_budget(self, budget):
         from aded_ray.verify.budget import AdaptiveBudget

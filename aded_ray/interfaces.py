@@ -54,5 +54,5 @@ class Budget(Protocol):
     def observe(self, budget: int, n_nodes: int, path: list[int]) -> None:
         """A verified step drafted with ``budget``: ``n_nodes`` drafted, ranks of the accepted nodes."""
 
-    def observe_cost(self, n_tokens: int, ms: float) -> None:
-        """A pass of ``n_tokens`` tokens took ``ms`` (synchronised)."""
+    def observe_cost(self, batch: int, width: int, ms: float) -> None:
+        """A pass of ``batch`` requests x ``width`` tokens each took ``ms`` (synchronised)."""

@@ -20,8 +20,11 @@ RAY_VERSION = "2.60.0"
 IMAGE = "aded-ray:0.1.0"          # built from the repository's Dockerfile (CPU torch)
 IMAGE_CUDA = "aded-ray:0.1.0-cu128"   # built from Dockerfile.cuda (CUDA 12.8 torch), for GPU pods
 GPU = "nvidia.com/gpu"
-K8S_APP_ARGS = {"num_gpus": 1, "num_cpus": 4, "tp_size": 1, "redis_url": None, "num_replicas": "auto"}
-K8S_DEPLOYMENT = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2},
+# a GPU replica batches more requests than a CPU one (a pass costs about the same for 1 and 64 tokens there)
+K8S_APP_ARGS = {"num_gpus": 1, "num_cpus": 4, "tp_size": 1, "redis_url": None, "num_replicas": "auto",
+                "max_running": 16, "max_waiting": 48}
+# target_ongoing_requests follows the replica's batch (AppArgs.autoscale_target), filled in by serve_config
+K8S_DEPLOYMENT = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4},
                   "graceful_shutdown_timeout_s": 120}
 GRACE_S = 180                      # pod termination grace: longer than the longest generation + drain
 # On SIGTERM, `ray start --block` (the container's main process) marks its node draining in the GCS and waits up
@@ -42,6 +45,9 @@ def serve_config(local: dict) -> dict:
     app["runtime_env"] = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     dep = app.setdefault("deployments", [{"name": "ADEDServer"}])[0]
     dep.update(copy.deepcopy(K8S_DEPLOYMENT))
+    from aded_ray.serve.args import AppArgs
+
+    dep["autoscaling_config"]["target_ongoing_requests"] = AppArgs(**app["args"]).autoscale_target
     return cfg
 
 

@@ -1,7 +1,7 @@
 """Cost model and adaptive budget on literal curves (no timing)."""
 import pytest
 
-from aded_ray.verify.budget import AdaptiveBudget, CostCurve
+from aded_ray.verify.budget import AdaptiveBudget, CostCurve, PassCost
 
 
 def test_worked_example():
@@ -74,13 +74,25 @@ def test_empty_drafts_teach_every_budget():
 
 
 def test_trees_shrink_as_the_batch_grows_and_exploration_stops_where_it_cannot_pay():
-    # a CPU-like curve: 16 tokens cost 1.4x one token, 512 tokens 30x
-    c = CostCurve({1: 35, 8: 42, 16: 50, 64: 120, 256: 450, 512: 1000})
+    # a CPU-like table: one request's 16-token pass costs 1.4x its 1-token pass; 64 requests' 2-token
+    # pass costs 2x their 1-token pass
+    c = PassCost({1: {1: 35, 2: 37, 8: 42, 16: 50, 64: 120}, 4: {1: 40, 2: 45, 8: 70, 16: 120},
+                  16: {1: 60, 2: 90, 8: 250}, 64: {1: 150, 2: 300, 8: 1100}})
     b = AdaptiveBudget(c, explore_every=1)
     b.acc.update({g: min(2.0, 0.3 * g ** 0.5) for g in b.grid if g})
     sizes = [b.best(batch) for batch in (1, 4, 16, 64)]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0 and sizes[-1] == 0
     assert b.choose(64) == 0                     # no exploration: even 1 accepted per node could not pay
+
+
+def test_the_batched_cost_decides_not_the_total_tokens():
+    # one request's 16-token pass is cheap (1.2x its 1-token pass), but 8 requests x 2 tokens cost 1.8x
+    # 8 x 1: a curve over total tokens would draft for the batch of 8; the measured table says plain
+    c = PassCost({1: {1: 30, 2: 31, 8: 33, 16: 36}, 8: {1: 40, 2: 72, 4: 90}})
+    b = AdaptiveBudget(c, explore_every=0)
+    b.acc.update({g: 0.6 for g in b.grid if g})
+    assert b.best(1) > 0
+    assert b.best(8) == 0
 
 
 def test_measured_drafting_time_is_learnt():

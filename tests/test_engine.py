@@ -104,5 +104,5 @@ def test_cost_curve_from_configuration_is_used(tmp_path):
     TrigramMatrix.empty(49152).save(tmp_path / "s.tri")
     e = Engine(EngineConfig(store=str(tmp_path / "s.tri"),
                             verify=VerifyConfig(mode="fp32", cost_curve={1: 30.0, 2: 300.0, 64: 3000.0})))
-    assert e.budget.cost.to_dict() == {1: 30.0, 2: 300.0, 64: 3000.0}
+    assert e.budget.cost.to_dict() == {1: {1: 30.0, 2: 300.0, 64: 3000.0}}
     assert e.budget.best() == 0          # multi-token passes that expensive never pay: plain decoding

@@ -100,7 +100,8 @@ def test_serve_config_v2_is_a_valid_serve_config_for_the_same_app(rayservice):
     assert app["import_path"] == local_app["import_path"] and app["name"] == local_app["name"]
     different = {k for k in set(app["args"]) | set(local_app["args"])
                  if app["args"].get(k) != local_app["args"].get(k)}
-    assert different <= {"num_gpus", "num_cpus", "num_replicas", "redis_url", "tp_size"}, different
+    assert different <= {"num_gpus", "num_cpus", "num_replicas", "redis_url", "tp_size", "max_running",
+                         "max_waiting"}, different
     AppArgs(**app["args"])                      # the builder accepts the cluster's args
     AppArgs(**local_app["args"])
 
@@ -116,6 +117,10 @@ def test_the_built_app_is_the_deployment_the_cluster_configures_and_fits_a_worke
     assert d.ray_actor_options["num_gpus"] >= 1                     # replicas land on the GPU workers only
     assert d._deployment_config.autoscaling_config is not None      # num_replicas "auto": Serve autoscaling
     assert dep_cfg["autoscaling_config"]["target_ongoing_requests"] <= d.max_ongoing_requests
+    # the autoscaling target follows the replica's batch: scale out before requests wait for a place in it
+    target = dep_cfg["autoscaling_config"]["target_ongoing_requests"]
+    assert app["args"]["max_running"] // 2 <= target <= app["args"]["max_running"]
+    assert d._deployment_config.autoscaling_config.target_ongoing_requests == target
     assert d.max_queued_requests == app["args"]["max_queued_requests"]
     (worker,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]

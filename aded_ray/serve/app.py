@@ -142,6 +142,8 @@ def build_app(args: dict | None = None):
                 max_queued_requests=a.max_queued_requests,
                 backpressure_config={"status_code": 503, "retry_after_s": 1},
                 ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus})
+    if a.num_replicas == "auto":     # Serve's defaults, with the target following the replica's batch
+        opts["autoscaling_config"] = {"target_ongoing_requests": a.autoscale_target}
     if a.tp_size > 1:
         # one placement group per replica: bundle 0 for the replica, one bundle per rank actor
         gpu = a.num_gpus > 0 or a.device == "cuda"

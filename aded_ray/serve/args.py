@@ -73,6 +73,12 @@ class AppArgs(BaseModel):
         return self.max_ongoing_requests or self.max_running + self.max_waiting + 16
 
     @property
+    def autoscale_target(self) -> int:
+        """Serve autoscaling's ``target_ongoing_requests``: three quarters of the engine's batch, so a replica
+        is added before requests start waiting for a place in a full batch."""
+        return max(1, round(0.75 * self.max_running))
+
+    @property
     def prompt_chars(self) -> int:
         return self.max_prompt_chars or 32 * self.max_prompt_tokens
 

@@ -54,8 +54,11 @@ class Replica:
         self.gen = Generations(self.engine, max_running=args.max_running, max_waiting=args.max_waiting)
         from aded_ray.serve.metrics import SpecMetrics
 
+        from aded_ray.serve.metrics import MetricsSync
+
         self.metrics = SpecMetrics(args.served_model_name)
         self.metrics.speculation.set(1 if self.engine.speculate else 0)
+        self.metrics_sync = MetricsSync(self.metrics, self.engine.scheduler)
         if os.environ.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") != PROXY_GUARD:
             log.warning("the HTTP proxy runs without aded_ray's guard (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH="
                         "%s where Ray starts): no body timeout or size limit before a request reaches a replica, "
@@ -79,6 +82,7 @@ class Replica:
                            retention_s=a.history_retention_s, state_ttl_s=a.state_ttl_s)
 
     def close(self) -> None:
+        self.metrics_sync.close()
         self.gen.close()
         if self.store is not None:
             self.store.close()
@@ -91,7 +95,6 @@ class Replica:
         if self.store is not None:
             self.metrics.redis_up.set(self.store.stats["redis_up"])
         g = self.gen.snapshot()
-        self.metrics.running.set(g["running"])
         return {"status": "ok" if e.healthy() else "unhealthy", "replica": self.replica_id,
                 "speculation": e.speculate, "speculation_off_reason": e.speculation_off_reason,
                 "exactness": None if e.exactness is None else e.exactness.summary(),

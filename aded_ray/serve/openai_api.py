@@ -73,6 +73,10 @@ class _Sampling(_Strict):
     return_stats: bool = Field(False, description="aded_ray extension: per-request speculative-decoding stats")
     private: bool | None = Field(None, description="aded_ray extension: keep this request's text out of the "
                                                    "drafter's local and shared history (default: the deployment's)")
+    speculate: bool = Field(True, description="aded_ray extension: false decodes this request plainly (one "
+                                              "token per step; the output is the same)")
+    max_nodes: int | None = Field(None, ge=0, le=512, description="aded_ray extension: at most this many draft "
+                                                                  "nodes per step for this request (0: none)")
 
     @field_validator("temperature")
     @classmethod
@@ -105,7 +109,7 @@ class _Sampling(_Strict):
     def sampling_kwargs(self) -> dict:
         return {"temperature": 1.0 if self.temperature is None else self.temperature,
                 "top_p": 1.0 if self.top_p is None else self.top_p, "top_k": max(self.top_k, 0),
-                "seed": self.seed, "stop": self.stop}
+                "seed": self.seed, "stop": self.stop, "speculate": self.speculate, "max_nodes": self.max_nodes}
 
 
 class CompletionRequest(_Sampling):
