@@ -93,10 +93,10 @@ class FixedBudget:
     def __init__(self, k: int = 64):
         self.k = k
 
-    def choose(self, batch: int = 1) -> int:
+    def choose(self, batch: int = 1, reqs=None) -> int:
         return self.k
 
-    def observe(self, budget: int, n_nodes: int, path: list[int]) -> None:
+    def observe(self, budget: int, n_nodes: int, path: list[int], req=None) -> None:
         pass
 
     def observe_cost(self, batch: int, width: int, ms: float) -> None:
@@ -148,6 +148,7 @@ class RequestState:
     stats: GenerationStats
     committed: list = None
     root: int = -1
+    accept: object = None             # the budget's record of this request's acceptance
     produced: int = 0
     finish: str | None = None
 
@@ -186,7 +187,11 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
     no draft, no top-k of the logits, no recycling (the drafter catches up from the committed tokens at its
     next draft), so a speculative engine whose budget says "plain" costs what a plain engine costs."""
     t0 = time.perf_counter()
-    b = budget.choose(len(states))
+    make = getattr(budget, "request_state", None)
+    for st in states:
+        if st.accept is None and make is not None and st.max_nodes > 0:
+            st.accept = make()
+    b = budget.choose(len(states), [st.accept for st in states])
     ks = [min(b, st.max_nodes) for st in states]
     drafting = any(ks)
     trees = []
@@ -224,7 +229,7 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
             s.accepted_tokens += len(path)
         if k > 0:                           # an empty draft teaches the budget too (nothing accepted)
             ranks = tree.ranks()
-            budget.observe(k, len(tree), [int(ranks[i]) for i in path])
+            budget.observe(k, len(tree), [int(ranks[i]) for i in path], st.accept)
         out.append(st._emit([int(tree.tokens[i]) for i in path] + [bonus]))   # the bonus: the next root
         st.root = bonus
     if drafting and hasattr(budget, "observe_draft"):      # host time of drafting + recycling, per request

@@ -48,11 +48,14 @@ class Verifier(Protocol):
 
 @runtime_checkable
 class Budget(Protocol):
-    def choose(self, batch: int = 1) -> int:
-        """Draft nodes per request for the next step of ``batch`` running requests (0 = a plain step)."""
+    def choose(self, batch: int = 1, reqs=None) -> int:
+        """Draft nodes per request for the next step of ``batch`` running requests (0 = a plain step);
+        ``reqs``: each request's acceptance record (from ``request_state()``, if the budget keeps them;
+        None for a request that does not speculate)."""
 
-    def observe(self, budget: int, n_nodes: int, path: list[int]) -> None:
-        """A verified step drafted with ``budget``: ``n_nodes`` drafted, ranks of the accepted nodes."""
+    def observe(self, budget: int, n_nodes: int, path: list[int], req=None) -> None:
+        """A verified step drafted with ``budget``: ``n_nodes`` drafted, ranks of the accepted nodes (and
+        the request's acceptance record)."""
 
     def observe_cost(self, batch: int, width: int, ms: float) -> None:
         """A pass of ``batch`` requests x ``width`` tokens each took ``ms`` (synchronised)."""

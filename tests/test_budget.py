@@ -109,3 +109,26 @@ def test_a_draft_must_beat_plain_by_a_margin():
     assert b.best() == 0
     b.acc.update({g: 0.5 for g in b.grid if g >= 7})      # 11.7% better
     assert b.best() == 7
+
+
+def test_a_request_that_accepts_more_than_the_process_gets_larger_trees_after_a_few_steps():
+    c = PassCost({1: {1: 30, 2: 31, 4: 32, 8: 34, 16: 40, 32: 60, 64: 110}})
+    b = AdaptiveBudget(c, explore_every=0, decay=0.001)             # the shared estimate moves slowly
+    b.acc.update({g: min(0.4, 0.1 * g) for g in b.grid if g})     # the process's chat traffic: little
+    b.seen.update({g: 100 for g in b.grid})
+    code = b.request_state()
+    assert b.best(1, [code]) == b.best(1)                           # no record yet: the shared estimate
+    for _ in range(12):
+        b.observe(15, 15, [0, 1, 3, 6, 10], code)                   # this request accepts 5 of 15 nodes
+    assert b.accepted(15, code) > 3.0 and b.accepted(15) < 1.0
+    assert b.best(1, [code]) >= 11 > b.best(1)                     # all 5 fit in 11 nodes
+    one_lucky = b.request_state()
+    b.observe(15, 15, [0, 1, 3, 6, 10], one_lucky)                  # a single step moves it only part way
+    assert b.accepted(15, one_lucky) < 0.5 * (b.accepted(15) + 5)
+
+
+def test_requests_that_do_not_speculate_count_their_root_only():
+    b = AdaptiveBudget(PassCost({1: {1: 30, 8: 40}, 2: {1: 35, 8: 45}}), explore_every=0)
+    b.acc.update({g: 1.0 for g in b.grid if g})
+    r = b.request_state()
+    assert b.expected_rate(7, 2, reqs=[r, None]) == pytest.approx((2.0 + 1.0) / (45 + 2 * b.draft_ms))

@@ -21,22 +21,34 @@ from aded_ray.verify.cost import BATCH_KS, CostCurve, PassCost, machine_key, mea
 GRID = (0, 1, 3, 5, 7, 11, 15, 23, 31, 47, 63)   # draft nodes; a pass verifies nodes + 1 (the root)
 
 
+class RequestAcceptance:
+    """One request's own record: accepted nodes summed per grid budget, and how many steps taught each."""
+
+    def __init__(self, grid):
+        self.grid = tuple(grid)
+        self.sum = np.zeros(len(self.grid))
+        self.n = np.zeros(len(self.grid))
+
+
 class AdaptiveBudget:
     """Chooses the draft budget that maximises expected tokens per millisecond; 0 means a plain step.
 
     Acceptance estimates are exponential moving averages per grid budget, shared by every request of the
-    process. Budgets above the largest verified so far are explored now and then (every ``explore_every``
-    steps one grid step up), so the estimate follows the drafter as the matrix adapts.
+    process, and each request's own mean, shrunk towards the shared estimate with the weight of ``shrink``
+    steps (a code request accepts far more than a chat one: after a few steps its own record decides, while
+    one lucky step cannot). Budgets above the largest verified so far are explored now and then (every
+    ``explore_every`` steps one grid step up), so the estimate follows the drafter as the matrix adapts.
     """
 
     def __init__(self, cost: PassCost | CostCurve, *, max_nodes: int = 63, draft_ms: float = 0.3, decay: float = 0.02,
-                 explore_every: int = 16, prior: float | None = None, margin: float = 0.05):
+                 explore_every: int = 16, prior: float | None = None, margin: float = 0.05, shrink: float = 4.0):
         self.cost = cost if isinstance(cost, PassCost) else PassCost(cost)
         self.grid = [b for b in GRID if b <= max_nodes] or [0]
         self.draft_ms = draft_ms
         self.decay = decay
         self.explore_every = explore_every
         self.margin = margin
+        self.shrink = shrink
         # optimistic prior: small trees accept ~0.5 tokens, larger ones a little more, until measured
         self.acc = {b: (0.0 if b == 0 else (prior if prior is not None else 0.4 + 0.1 * np.log2(b + 1)))
                     for b in self.grid}
@@ -44,38 +56,59 @@ class AdaptiveBudget:
         self.steps = 0
         self.last = self.best()
 
-    def accepted(self, b: int) -> float:
-        """Expected accepted nodes at budget ``b``: never below a smaller budget's (a tree truncated to fewer
-        nodes is a part of the larger one), so a stale or noisy estimate cannot pin the budget small."""
-        return max(self.acc[g] for g in self.grid if g <= b)
+    def request_state(self) -> RequestAcceptance:
+        return RequestAcceptance(self.grid)
 
-    def expected_rate(self, b: int, batch: int = 1, accepted: float | None = None) -> float:
-        """Expected committed tokens per ms at budget ``b`` for a pass carrying ``batch`` requests, each
-        padded to its root and b nodes (drafting, and recycling the model's predictions, run one request
-        after another on the host; a plain step does neither)."""
-        acc = self.accepted(b) if accepted is None else accepted
-        return batch * (1.0 + acc) / (self.cost(batch, b + 1) + (batch * self.draft_ms if b else 0.0))
+    def _own(self, req):
+        return req if req is not None and req.grid == tuple(self.grid) else None
 
-    def best(self, batch: int = 1) -> int:
+    def accepted(self, b: int, req: RequestAcceptance | None = None) -> float:
+        """Expected accepted nodes at budget ``b`` (for request ``req``: its own mean shrunk towards the
+        shared estimate): never below a smaller budget's (a tree truncated to fewer nodes is a part of the
+        larger one), so a stale or noisy estimate cannot pin the budget small."""
+        req = self._own(req)
+        best = 0.0
+        for i, g in enumerate(self.grid):
+            if g > b:
+                break
+            a = self.acc[g] if req is None else (req.sum[i] + self.shrink * self.acc[g]) / (req.n[i] + self.shrink)
+            best = max(best, a)
+        return best
+
+    def expected_rate(self, b: int, batch: int = 1, accepted: float | None = None, reqs=None) -> float:
+        """Expected committed tokens per ms at budget ``b`` for a pass carrying ``batch`` requests (with
+        their acceptance records ``reqs``, one per request, when known), each padded to its root and b nodes (drafting, and
+        recycling the model's predictions, run one request after another on the host; a plain step does
+        neither)."""
+        if accepted is not None:
+            tokens = batch * (1.0 + accepted)
+        elif reqs:       # one record per request; None: a request that does not speculate (its root only)
+            tokens = sum(1.0 + (0.0 if r is None else self.accepted(b, r)) for r in reqs)
+        else:
+            tokens = batch * (1.0 + self.accepted(b))
+        return tokens / (self.cost(batch, b + 1) + (batch * self.draft_ms if b else 0.0))
+
+    def best(self, batch: int = 1, reqs=None) -> int:
         """The budget with the highest expected rate; a draft must beat plain decoding by ``margin`` (the
         estimates are noisy, and a wrong draft costs every request of the batch)."""
-        b = max(self.grid, key=lambda g: self.expected_rate(g, batch))
-        if b and 0 in self.grid and self.expected_rate(b, batch) < (1 + self.margin) * self.expected_rate(0, batch):
+        rate = {g: self.expected_rate(g, batch, reqs=reqs) for g in self.grid}
+        b = max(self.grid, key=rate.get)
+        if b and 0 in self.grid and rate[b] < (1 + self.margin) * rate[0]:
             return 0
         return b
 
-    def choose(self, batch: int = 1) -> int:
-        """The budget for the next step of ``batch`` running requests: trees shrink as the batch grows, and
-        0 (plain decoding) wins wherever no draft pays."""
+    def choose(self, batch: int = 1, reqs=None) -> int:
+        """The budget for the next step of ``batch`` running requests (with their acceptance records
+        ``reqs``): trees shrink as the batch grows, and 0 (plain decoding) wins wherever no draft pays."""
         self.steps += 1
-        b = self.best(batch)
+        b = self.best(batch, reqs)
         if self.explore_every and self.steps % self.explore_every == 0:
             i = self.grid.index(b)
             # one grid step up, unless even a full acceptance at that budget could not pay for its pass
             # (under a large batch exploring would only slow everyone down)
             if i + 1 < len(self.grid):
                 up = self.grid[i + 1]
-                if self.expected_rate(up, batch, accepted=up) >= self.expected_rate(b, batch):
+                if self.expected_rate(up, batch, accepted=up) >= self.expected_rate(b, batch, reqs=reqs):
                     b = up
         self.last = b
         return b
@@ -86,20 +119,25 @@ class AdaptiveBudget:
         if np.isfinite(ms_per_request) and ms_per_request >= 0:
             self.draft_ms += rate * (ms_per_request - self.draft_ms)
 
-    def observe(self, budget: int, n_nodes: int, path: list[int]) -> None:
-        """Record a verified step drafted with ``budget``: accepted node indices ``path`` (increasing).
+    def observe(self, budget: int, n_nodes: int, path: list[int], req: RequestAcceptance | None = None) -> None:
+        """Record a verified step drafted with ``budget``: accepted node indices ``path`` (increasing), in
+        the shared estimates and in the request's own record ``req``.
 
         For every grid budget b <= ``budget`` the same tree truncated to b nodes would have accepted the
         path entries below b. When the drafter returned fewer nodes than it was allowed (it ran out of
         candidates), a larger budget would have drafted the same tree: every larger b learns the same count.
         """
         p = np.asarray(path, np.int64)
-        for b in self.grid:
+        req = self._own(req)
+        for i, b in enumerate(self.grid):
             if b == 0 or (b > budget and n_nodes >= budget):
                 continue                 # (a drafter with nothing to propose teaches every b: 0 accepted)
             got = int(np.sum(p < b))
             self.acc[b] += self.decay * (got - self.acc[b]) if self.seen[b] else (got - self.acc[b])
             self.seen[b] += 1
+            if req is not None:
+                req.sum[i] += got
+                req.n[i] += 1
 
     def observe_cost(self, batch: int, width: int, ms: float) -> None:
         self.cost.observe(batch, width, ms)
