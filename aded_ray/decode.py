@@ -232,6 +232,9 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
             budget.observe(k, len(tree), [int(ranks[i]) for i in path], st.accept)
         out.append(st._emit([int(tree.tokens[i]) for i in path] + [bonus]))   # the bonus: the next root
         st.root = bonus
+    t3 = time.perf_counter()
     if drafting and hasattr(budget, "observe_draft"):      # host time of drafting + recycling, per request
-        budget.observe_draft(1000 * ((t1 - t0) + (time.perf_counter() - t2)) / len(states))
+        budget.observe_draft(1000 * ((t1 - t0) + (t3 - t2)) / len(states))
+    if hasattr(budget, "observe_step"):                    # what the whole step delivered
+        budget.observe_step(len(states), drafting, sum(len(o) for o in out), 1000 * (t3 - t0))
     return out

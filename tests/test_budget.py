@@ -132,3 +132,32 @@ def test_requests_that_do_not_speculate_count_their_root_only():
     b.acc.update({g: 1.0 for g in b.grid if g})
     r = b.request_state()
     assert b.expected_rate(7, 2, reqs=[r, None]) == pytest.approx((2.0 + 1.0) / (45 + 2 * b.draft_ms))
+
+
+def test_drafting_that_does_not_pay_in_whole_steps_is_switched_off_whatever_the_estimates_say():
+    b = AdaptiveBudget(PassCost({1: {1: 30, 2: 31, 8: 34}, 8: {1: 40, 2: 45, 8: 60}}), explore_every=0,
+                       check_every=8)
+    b.acc.update({g: 2.0 for g in b.grid if g})        # (wrongly) optimistic estimates: the model drafts
+    b.seen.update({g: 100 for g in b.grid})
+    chosen = []
+    for _ in range(200):
+        k = b.choose(8)
+        chosen.append(k)
+        # what really happens here: a drafting step commits 9 tokens in 60 ms, a plain step 8 in 40 ms
+        b.observe_step(8, k > 0, 9 if k else 8, 60.0 if k else 40.0)
+    late = chosen[100:]
+    assert 0 < sum(k > 0 for k in late) <= len(late) // 8 + 1        # only the periodic probes draft
+    assert b.best(8) > 0                                              # the model alone would draft
+
+
+def test_drafting_that_pays_keeps_drafting_with_rare_plain_probes():
+    b = AdaptiveBudget(PassCost({1: {1: 30, 2: 31, 8: 34}}), explore_every=0, check_every=8)
+    b.acc.update({g: 1.0 for g in b.grid if g})
+    b.seen.update({g: 100 for g in b.grid})
+    chosen = []
+    for _ in range(200):
+        k = b.choose(1)
+        chosen.append(k)
+        b.observe_step(1, k > 0, 2 if k else 1, 34.0 if k else 30.0)
+    late = chosen[100:]
+    assert 0 < sum(k == 0 for k in late) <= len(late) // 8 + 1

@@ -228,3 +228,46 @@ def test_a_failing_pass_fails_its_requests_not_the_scheduler():
     s.kv.forward_trees = orig
     assert run(s, PROMPTS[1], max_new=10)[0] == alone(PROMPTS[1], 10)
     s.close()
+
+
+class _SwitchBudget(FixedBudget):
+    """Plain steps for the first ``plain`` steps, then drafts of 4."""
+
+    def __init__(self, plain):
+        super().__init__(0)
+        self.plain, self.steps = plain, 0
+
+    def choose(self, batch=1, reqs=None):
+        self.steps += 1
+        return 0 if self.steps <= self.plain else 4
+
+
+class _CountingDrafter(OracleDrafter):
+    def __init__(self):
+        self.observed = self.drafted = self.recycled = 0
+
+    def observe(self, seq):
+        self.observed += 1
+
+    def draft(self, seq, max_nodes=None):
+        self.drafted += 1
+        return super().draft(seq, max_nodes)
+
+    def observe_logits(self, prev, inputs, top_ids, top_p):
+        assert top_ids is not None
+        self.recycled += 1
+
+
+def test_a_plain_step_does_no_drafter_work_and_the_drafter_catches_up():
+    d = _CountingDrafter()
+    s = Scheduler(FakeKV(), d, _SwitchBudget(plain=10), [EOS], max_batch=4, default_max_nodes=8)
+    try:
+        out, h = run(s, PROMPTS[3], max_new=40)
+    finally:
+        s.close()
+    assert out == alone(PROMPTS[3], 40)
+    plain_steps = 10
+    assert h.stats.steps > plain_steps
+    # the prefill recycles once; after it, only drafting steps observe, draft and recycle
+    assert d.observed == d.drafted == h.stats.steps - plain_steps
+    assert d.recycled == 1 + d.drafted

@@ -41,7 +41,8 @@ class AdaptiveBudget:
     """
 
     def __init__(self, cost: PassCost | CostCurve, *, max_nodes: int = 63, draft_ms: float = 0.3, decay: float = 0.02,
-                 explore_every: int = 16, prior: float | None = None, margin: float = 0.05, shrink: float = 4.0):
+                 explore_every: int = 16, prior: float | None = None, margin: float = 0.05, shrink: float = 4.0,
+                 check_every: int = 16, realized_decay: float = 0.1):
         self.cost = cost if isinstance(cost, PassCost) else PassCost(cost)
         self.grid = [b for b in GRID if b <= max_nodes] or [0]
         self.draft_ms = draft_ms
@@ -54,6 +55,9 @@ class AdaptiveBudget:
                     for b in self.grid}
         self.seen = {b: 0 for b in self.grid}
         self.steps = 0
+        # the realized-rate check: committed tokens per ms of whole steps, plain and drafting, per batch size
+        self.check_every, self.realized_decay = check_every, realized_decay
+        self.realized: dict[int, dict[str, list]] = {}
         self.last = self.best()
 
     def request_state(self) -> RequestAcceptance:
@@ -99,7 +103,13 @@ class AdaptiveBudget:
 
     def choose(self, batch: int = 1, reqs=None) -> int:
         """The budget for the next step of ``batch`` running requests (with their acceptance records
-        ``reqs``): trees shrink as the batch grows, and 0 (plain decoding) wins wherever no draft pays."""
+        ``reqs``): trees shrink as the batch grows, and 0 (plain decoding) wins wherever no draft pays.
+
+        The model's choice is checked against what whole steps really delivered at this batch size
+        (:meth:`observe_step`): when drafting steps committed fewer tokens per ms than plain steps, the step
+        is plain, whatever the estimates say (every ``check_every``-th step still drafts, so the check can
+        change its mind); while drafting wins, every ``check_every``-th step is plain, to keep the plain
+        side of the comparison current."""
         self.steps += 1
         b = self.best(batch, reqs)
         if self.explore_every and self.steps % self.explore_every == 0:
@@ -110,8 +120,28 @@ class AdaptiveBudget:
                 up = self.grid[i + 1]
                 if self.expected_rate(up, batch, accepted=up) >= self.expected_rate(b, batch, reqs=reqs):
                     b = up
+        r = self.realized.get(batch)
+        if b > 0 and self.check_every and r is not None:
+            (plain, n_plain), (draft, n_draft) = r["plain"], r["draft"]
+            probe = (self.steps + self.check_every // 2) % self.check_every == 0   # off the exploration steps
+            if n_plain == 0:
+                b = 0 if n_draft >= 4 else b          # the plain side was never measured here: measure it
+            elif n_draft and draft < (1 + self.margin) * plain:
+                b = b if probe else 0                 # drafting did not pay at this batch size: plain
+            elif probe:
+                b = 0                                 # drafting pays: keep the plain side current
         self.last = b
         return b
+
+    def observe_step(self, batch: int, drafted: bool, tokens: int, ms: float) -> None:
+        """A whole step (drafting, the pass, acceptance, recycling) of ``batch`` requests committed
+        ``tokens`` in ``ms``: the realized rate of plain or drafting steps at this batch size."""
+        if not (np.isfinite(ms) and ms > 0):
+            return
+        arm = self.realized.setdefault(batch, {"plain": [0.0, 0], "draft": [0.0, 0]})["draft" if drafted else "plain"]
+        rate = tokens / ms
+        arm[0] = rate if arm[1] == 0 else arm[0] + self.realized_decay * (rate - arm[0])
+        arm[1] += 1
 
     def observe_draft(self, ms_per_request: float, rate: float = 0.05) -> None:
         """Host time a drafting step adds per request (observe, draft, recycle), measured (it grows with
