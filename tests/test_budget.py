@@ -161,3 +161,15 @@ def test_drafting_that_pays_keeps_drafting_with_rare_plain_probes():
         b.observe_step(1, k > 0, 2 if k else 1, 34.0 if k else 30.0)
     late = chosen[100:]
     assert 0 < sum(k == 0 for k in late) <= len(late) // 8 + 1
+
+
+def test_the_check_measures_plain_first_and_shares_it_within_a_power_of_two_of_batch_sizes():
+    b = AdaptiveBudget(PassCost({1: {1: 30, 2: 31, 8: 34}}), explore_every=0, check_every=1000)
+    b.acc.update({g: 2.0 for g in b.grid if g})
+    b.seen.update({g: 100 for g in b.grid})
+    b.observe_step(1, False, 1, 30.0)                 # a caller that reports its steps
+    assert b.choose(8) == 0                           # batch sizes 8-15: plain measured first
+    b.observe_step(9, False, 9, 40.0)
+    assert b.choose(12) > 0                           # then drafting is tried (same bucket as 9)
+    b.observe_step(12, True, 12, 60.0)                # and did not pay
+    assert b.choose(15) == 0 and b.choose(16) == 0    # 16: a new bucket, plain first again

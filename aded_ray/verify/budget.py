@@ -55,7 +55,8 @@ class AdaptiveBudget:
                     for b in self.grid}
         self.seen = {b: 0 for b in self.grid}
         self.steps = 0
-        # the realized-rate check: committed tokens per ms of whole steps, plain and drafting, per batch size
+        # the realized-rate check: committed tokens per ms of whole steps, plain and drafting, per batch-size
+        # bucket (the bit length of the size: continuous batching moves the size by one all the time)
         self.check_every, self.realized_decay = check_every, realized_decay
         self.realized: dict[int, dict[str, list]] = {}
         self.last = self.best()
@@ -105,8 +106,8 @@ class AdaptiveBudget:
         """The budget for the next step of ``batch`` running requests (with their acceptance records
         ``reqs``): trees shrink as the batch grows, and 0 (plain decoding) wins wherever no draft pays.
 
-        The model's choice is checked against what whole steps really delivered at this batch size
-        (:meth:`observe_step`): when drafting steps committed fewer tokens per ms than plain steps, the step
+        The model's choice is checked against what whole steps really delivered at this batch size (sizes
+        in powers of two: 1, 2-3, 4-7, ...; :meth:`observe_step`), the plain side measured first: when drafting steps committed fewer tokens per ms than plain steps, the step
         is plain, whatever the estimates say (every ``check_every``-th step still drafts, so the check can
         change its mind); while drafting wins, every ``check_every``-th step is plain, to keep the plain
         side of the comparison current."""
@@ -120,15 +121,15 @@ class AdaptiveBudget:
                 up = self.grid[i + 1]
                 if self.expected_rate(up, batch, accepted=up) >= self.expected_rate(b, batch, reqs=reqs):
                     b = up
-        r = self.realized.get(batch)
-        if b > 0 and self.check_every and r is not None:
+        r = self.realized.get(batch.bit_length()) or {"plain": (0.0, 0), "draft": (0.0, 0)}
+        if b > 0 and self.check_every and self.realized:      # (only for a caller that reports its steps)
             (plain, n_plain), (draft, n_draft) = r["plain"], r["draft"]
             probe = (self.steps + self.check_every // 2) % self.check_every == 0   # off the exploration steps
             if n_plain == 0:
-                b = 0 if n_draft >= 4 else b          # the plain side was never measured here: measure it
+                b = 0                                 # measure the plain side first (it costs nothing)
             elif n_draft and draft < (1 + self.margin) * plain:
                 b = b if probe else 0                 # drafting did not pay at this batch size: plain
-            elif probe:
+            elif n_draft and probe:
                 b = 0                                 # drafting pays: keep the plain side current
         self.last = b
         return b
@@ -138,7 +139,8 @@ class AdaptiveBudget:
         ``tokens`` in ``ms``: the realized rate of plain or drafting steps at this batch size."""
         if not (np.isfinite(ms) and ms > 0):
             return
-        arm = self.realized.setdefault(batch, {"plain": [0.0, 0], "draft": [0.0, 0]})["draft" if drafted else "plain"]
+        arm = self.realized.setdefault(batch.bit_length(), {"plain": [0.0, 0], "draft": [0.0, 0]})[
+            "draft" if drafted else "plain"]
         rate = tokens / ms
         arm[0] = rate if arm[1] == 0 else arm[0] + self.realized_decay * (rate - arm[0])
         arm[1] += 1
