@@ -183,9 +183,10 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
     draft per request (budget chosen for the batch size, capped per request), verify all trees together,
     accept per request, compact each request's KV, recycle. Returns the tokens each request emitted.
 
-    When the budget chooses a plain step (0 nodes) nothing runs on the drafter's side: no adaptive update,
-    no draft, no top-k of the logits, no recycling (the drafter catches up from the committed tokens at its
-    next draft), so a speculative engine whose budget says "plain" costs what a plain engine costs."""
+    When the budget chooses a plain step (0 nodes) the drafter only observes the committed tokens (ADED's
+    adaptive update, its request index and history, the shared store's counts: what it learns must not depend
+    on the load); no draft, no top-k of the logits, no recycling, so such a step costs about what a plain
+    engine's step costs."""
     t0 = time.perf_counter()
     make = getattr(budget, "request_state", None)
     for st in states:
@@ -196,10 +197,10 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
     drafting = any(ks)
     trees = []
     for st, k in zip(states, ks):
-        if k > 0:
+        if st.max_nodes > 0:                 # a speculating request's drafter sees every committed token
             seq = np.asarray(st.committed, np.int32)
             st.drafter.observe(seq)
-            trees.append(st.drafter.draft(seq, k))
+            trees.append(st.drafter.draft(seq, k) if k > 0 else DraftTree())
         else:
             trees.append(DraftTree())
     t1 = time.perf_counter()

@@ -268,6 +268,7 @@ def test_a_plain_step_does_no_drafter_work_and_the_drafter_catches_up():
     assert out == alone(PROMPTS[3], 40)
     plain_steps = 10
     assert h.stats.steps > plain_steps
-    # the prefill recycles once; after it, only drafting steps observe, draft and recycle
-    assert d.observed == d.drafted == h.stats.steps - plain_steps
+    # every step observes (the drafter's learning does not depend on the load); after the prefill's
+    # recycling, only drafting steps draft and recycle
+    assert d.observed == h.stats.steps and d.drafted == h.stats.steps - plain_steps
     assert d.recycled == 1 + d.drafted
