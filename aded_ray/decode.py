@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
@@ -130,8 +130,11 @@ def generate_ids(verifier: Verifier, drafter: Drafter, prompt_ids, *, max_new_to
     rows = reduce_rows(kv.prefill(0, st.prompt_ids), sampling, positions=[0], top_k=top_k)
     stats.prefill_s = time.perf_counter() - t0
     yield st.start(rows)
-    while st.finish is None:
-        yield step_batch(kv, [st], budget, top_k)[0]
+    try:
+        while st.finish is None:
+            yield step_batch(kv, [st], budget, top_k)[0]
+    finally:
+        catch_up(st)                 # the drafter learns from the deferred (plain) steps too
 
 
 # ---- the same step for many requests at once (the scheduler's; aded_ray/scheduler.py) -----------------
@@ -147,6 +150,7 @@ class RequestState:
     max_nodes: int                    # its cap on tree size (0: never speculate)
     stats: GenerationStats
     committed: list = None
+    unobserved: list = field(default_factory=list)   # committed lengths at plain steps, not yet observed
     root: int = -1
     accept: object = None             # the budget's record of this request's acceptance
     produced: int = 0
@@ -178,15 +182,25 @@ class RequestState:
         return out
 
 
+def catch_up(st: RequestState) -> np.ndarray:
+    """Replay the request's deferred observations (one per plain step, the committed prefix at that step)
+    on its drafter, in order; returns the committed tokens as an array."""
+    seq = np.asarray(st.committed, np.int32)
+    for n in st.unobserved:
+        st.drafter.observe(seq[:n])
+    st.unobserved.clear()
+    return seq
+
+
 def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECYCLE_K) -> list[list[int]]:
     """One speculative step for every running request (slot r = ``states[r]``), one forward pass in all:
     draft per request (budget chosen for the batch size, capped per request), verify all trees together,
     accept per request, compact each request's KV, recycle. Returns the tokens each request emitted.
 
-    When the budget chooses a plain step (0 nodes) the drafter only observes the committed tokens (ADED's
-    adaptive update, its request index and history, the shared store's counts: what it learns must not depend
-    on the load); no draft, no top-k of the logits, no recycling, so such a step costs about what a plain
-    engine's step costs."""
+    When the budget chooses a plain step (0 nodes) nothing runs on the drafter's side: no draft, no top-k
+    of the logits, no recycling, and its observation of the step is deferred (:func:`catch_up`: replayed in
+    order before the request's next draft or when it ends), so such a step costs what a plain engine's step
+    costs while the drafter learns exactly what it would have learnt step by step."""
     t0 = time.perf_counter()
     make = getattr(budget, "request_state", None)
     for st in states:
@@ -197,11 +211,13 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
     drafting = any(ks)
     trees = []
     for st, k in zip(states, ks):
-        if st.max_nodes > 0:                 # a speculating request's drafter sees every committed token
-            seq = np.asarray(st.committed, np.int32)
+        if k > 0:
+            seq = catch_up(st)
             st.drafter.observe(seq)
-            trees.append(st.drafter.draft(seq, k) if k > 0 else DraftTree())
+            trees.append(st.drafter.draft(seq, k))
         else:
+            if st.max_nodes > 0:             # observed later, in the same order (catch_up)
+                st.unobserved.append(len(st.committed))
             trees.append(DraftTree())
     t1 = time.perf_counter()
     logits = kv.forward_trees([st.root for st in states], trees)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aded_ray.decode import NoDraft, RequestState, step_batch
+from aded_ray.decode import NoDraft, RequestState, catch_up, step_batch
 from aded_ray.verify.accept import SamplingParams, reduce_rows
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,8 @@ class Scheduler:
 
     @staticmethod
     def _close_drafter(s: _Slot) -> None:
+        if s.state.committed is not None:
+            catch_up(s.state)              # the drafter learns from every step, also the deferred ones
         close = getattr(s.state.drafter, "close", None)
         if close is not None:
             close(share=s.handle.req.share)

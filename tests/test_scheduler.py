@@ -245,9 +245,11 @@ class _SwitchBudget(FixedBudget):
 class _CountingDrafter(OracleDrafter):
     def __init__(self):
         self.observed = self.drafted = self.recycled = 0
+        self.lengths = []
 
     def observe(self, seq):
         self.observed += 1
+        self.lengths.append(len(seq))
 
     def draft(self, seq, max_nodes=None):
         self.drafted += 1
@@ -268,7 +270,8 @@ def test_a_plain_step_does_no_drafter_work_and_the_drafter_catches_up():
     assert out == alone(PROMPTS[3], 40)
     plain_steps = 10
     assert h.stats.steps > plain_steps
-    # every step observes (the drafter's learning does not depend on the load); after the prefill's
-    # recycling, only drafting steps draft and recycle
-    assert d.observed == h.stats.steps and d.drafted == h.stats.steps - plain_steps
+    # after the prefill's recycling, only drafting steps draft and recycle; every step is observed (the
+    # plain ones deferred, replayed in order), so the drafter learns what it would have step by step
+    assert d.drafted == h.stats.steps - plain_steps
+    assert d.observed == h.stats.steps and d.lengths == sorted(d.lengths) and len(set(d.lengths)) == len(d.lengths)
     assert d.recycled == 1 + d.drafted
