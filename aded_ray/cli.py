@@ -26,7 +26,7 @@ def _record_traces(a) -> int:
 
     out = a.out or cache_dir() / "traces" / f"{a.prompts}.jsonl"
     record_traces(prompts=a.prompts, out=out, model=a.model, limit=a.limit, max_new_tokens=a.max_new_tokens,
-                  batch_size=a.batch_size, dtype=a.dtype)
+                  batch_size=a.batch_size, dtype=a.dtype, spread=a.spread)
     return 0
 
 
@@ -104,6 +104,46 @@ def _bench_draft(a) -> int:
         print(TABLE_HEAD)
         for r in results:
             print(result_row(r))
+    return 0
+
+
+def _bench_generalize(a) -> int:
+    """Leave-one-set-out: every set scored with the drafter fitted on the other sets (one JSON per set)."""
+    from tqdm import tqdm
+
+    from aded_ray.bench import generalize as G
+    from aded_ray.bench.traces import load_traces
+    from aded_ray.draft.matrix import TrigramMatrix
+
+    folder = Path(a.traces_dir)
+    out = Path(a.out_dir)
+    if a.table:
+        print(G.table(G.load_results(out, a.sets)))
+        return 0
+    sets = {}
+    for name in a.sets:
+        f = folder / f"{name}.jsonl"
+        if not f.is_file():
+            print(f"{f} missing: `aded record-traces --prompts {name} --out {f}`", file=sys.stderr)
+            return 2
+        sets[name] = load_traces(f)                 # all of them for fitting; --limit of the scored set
+    store = Path(a.store)
+    authors = store.with_suffix(".authors.idx")
+    matrix = TrigramMatrix.load(store)
+    from aded_ray.verify.loading import load_tokenizer
+    from aded_ray.verify.modes import load_for_mode
+
+    model = load_for_mode(None, a.mode)
+    eos = [load_tokenizer(None).eos_token_id]
+    out.mkdir(parents=True, exist_ok=True)
+    for name in a.only or a.sets:
+        with tqdm(total=len(sets[name][: a.limit]) * len(a.budgets), desc=name, unit="trace", file=sys.stderr,
+                  disable=a.quiet) as bar:
+            r = G.evaluate_set(name, sets, matrix, model, budgets=a.budgets, limit=a.limit,
+                               authors=authors if authors.is_file() else None, eos_ids=eos, progress=bar)
+        r.update(store=str(store), mode=a.mode, limit=a.limit)
+        (out / f"{name}.json").write_text(json.dumps(r, indent=1))
+        print(G.table([r]), flush=True)
     return 0
 
 
@@ -223,9 +263,19 @@ def _load_for_cost(a, mode: str, device: str):
 
 
 def _bench_store(a) -> int:
-    from aded_ray.bench.fleet import markdown, run_fleet
+    from aded_ray.bench.fleet import HEAD, markdown, run_fleet
     from aded_ray.bench.traces import load_traces
 
+    files = list(a.traces or [])
+    for w in a.workload or []:             # the recorded repeated-request workloads (recorded when missing)
+        f = cache_dir() / "traces" / f"{w}.jsonl"
+        if not f.is_file():
+            from aded_ray.bench import rollouts
+
+            rollouts.main([w])
+        files.append(str(f))
+    if not files:
+        raise SystemExit("bench-store: give --traces FILE... and/or --workload rollouts tasks")
     server = None
     url = a.redis_url
     if not url:
@@ -236,18 +286,21 @@ def _bench_store(a) -> int:
     step_ms = None
     from aded_ray.verify.budget import machine_key
 
-    curves = sorted((cache_dir() / "cost").glob(f"cost-{machine_key()}-*-fp32-packed-cpu.json"))
-    if curves:
-        step_ms = json.loads(curves[-1].read_text())["ms"].get("16")
+    for f in sorted((cache_dir() / "cost").glob(f"cost-{machine_key()}-*.json"), key=lambda f: f.stat().st_mtime):
+        d = json.loads(f.read_text())           # the k=16 pass of one request, fp32-packed on the CPU
+        if "fp32-packed-cpu" in d.get("key", f.name):
+            ms = d.get("ms", {})
+            ms = ms.get("1", {}) if isinstance(ms.get("1"), dict) else ms    # per batch size, or one curve
+            step_ms = ms.get("16", step_ms)
     try:
         pace = a.pace_ms if a.pace_ms is not None else (step_ms or 0.0)
+        step = a.pace_ms or step_ms
         print(f"fleet of {a.processes} processes, drafter {a.drafter}, steps paced to {pace:.1f} ms")
-        print("| traces | single process MAT | shared fleet MAT | isolated fleet MAT | shared / single | "
-              "shared vs isolated | late replica MAT warm / cold | store cost per step (decode thread) |")
-        print("|---|---|---|---|---|---|---|---|")
-        for f in a.traces:
-            r = run_fleet(load_traces(f), a.store, processes=a.processes, drafter=a.drafter, url=url, pace_ms=pace)
-            print(markdown(Path(f).stem, r, step_ms), flush=True)
+        print(HEAD)
+        for f in files:
+            r = run_fleet(load_traces(f)[:a.limit] if a.limit else load_traces(f), a.store, processes=a.processes,
+                          drafter=a.drafter, url=url, pace_ms=pace, first=a.first, share_model=not a.no_share_model)
+            print(markdown(Path(f).stem, a.drafter, r, step), flush=True)
             if a.json:
                 print(json.dumps(r))
     finally:
@@ -388,6 +441,7 @@ def main(argv=None) -> int:
     r.add_argument("--max-new-tokens", type=int, default=256)
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--dtype", default="float32", help="float32 (traces) or bfloat16 (a faster dev set)")
+    r.add_argument("--spread", action="store_true", help="--limit prompts taken evenly over the set, not its first ones")
     r.set_defaults(fn=_record_traces)
 
     d = sub.add_parser("bench-draft", help="replay traces through the drafters, side by side")
@@ -404,6 +458,20 @@ def main(argv=None) -> int:
     d.add_argument("--json", action="store_true", help="one JSON object (keys mat, nodes_per_step, draft_us_p50, ...)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=_bench_draft)
+
+    gz = sub.add_parser("bench-generalize", help="leave-one-set-out: the best drafter on dev sets of other kinds")
+    gz.add_argument("--sets", nargs="+", default=["mtbench", "humaneval", "multiturn", "summarize", "codeedit",
+                                                  "writetests"], help="dev sets (<traces-dir>/<set>.jsonl each)")
+    gz.add_argument("--only", nargs="*", default=None, help="score only these sets (fitting still uses the others)")
+    gz.add_argument("--traces-dir", default=str(cache_dir() / "traces" / "dev"))
+    gz.add_argument("--out-dir", default="results/generalize")
+    gz.add_argument("--store", default=str(default_store()))
+    gz.add_argument("--limit", type=int, default=None, help="traces scored per set (fitting uses all)")
+    gz.add_argument("--budgets", type=int, nargs="+", default=[30, 16, 8])
+    gz.add_argument("--mode", default="fp32-packed", help="exact verify mode")
+    gz.add_argument("--table", action="store_true", help="print the table of the results in --out-dir and exit")
+    gz.add_argument("--quiet", action="store_true")
+    gz.set_defaults(fn=_bench_generalize)
 
     g = sub.add_parser("generate", help="generate text with speculative decoding")
     g.add_argument("prompt")
@@ -434,7 +502,12 @@ def main(argv=None) -> int:
     c.set_defaults(fn=_cost)
 
     f = sub.add_parser("bench-store", help="trace replay by a fleet: shared Redis store vs isolated vs single")
-    f.add_argument("--traces", required=True, nargs="+")
+    f.add_argument("--traces", nargs="+", help="trace files (aded record-traces, or python -m aded_ray.bench.rollouts)")
+    f.add_argument("--workload", nargs="+", choices=("rollouts", "tasks"),
+                   help="repeated-request workloads from the cache (recorded first when missing)")
+    f.add_argument("--limit", type=int, default=None, help="the first N traces of each file")
+    f.add_argument("--first", type=int, default=10, help="late replica: compared on its first N requests")
+    f.add_argument("--no-share-model", action="store_true", help="share no recycled predictions nor combiner")
     f.add_argument("--store", default=str(default_store()))
     f.add_argument("--processes", type=int, default=4)
     f.add_argument("--drafter", choices=("aded", "best"), default="aded")

@@ -17,7 +17,7 @@ from typing import Iterator
 from aded_ray.paths import package_dir
 
 CORPORA = ("sharegpt", "stdlib")
-PROMPT_SETS = ("mtbench", "humaneval", "grounded", "sharegpt")
+PROMPT_SETS = ("mtbench", "humaneval", "grounded", "sharegpt", "multiturn", "summarize", "codeedit", "writetests")
 
 
 def iter_corpus(name: str, limit: int | None = None) -> Iterator[str]:
@@ -141,6 +141,10 @@ def load_prompts(name: str, limit: int | None = None) -> list[dict]:
         out = grounded_prompts()
     elif name == "sharegpt":
         out = sharegpt_prompts(limit)
+    elif name in ("multiturn", "summarize", "codeedit", "writetests"):
+        from aded_ray.devsets import dev_prompts
+
+        out = dev_prompts(name, limit)   # dev sets of other kinds (aded_ray.devsets)
     else:
         raise ValueError(f"prompt set {name!r} is not one of {PROMPT_SETS}")
     return out[:limit] if limit is not None else out

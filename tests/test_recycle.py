@@ -39,7 +39,7 @@ def test_prior_weights_give_the_noisy_or():
     cp = np.array([0.5, 0.0, 0.2, 0.0, 0.0])
     prior = 1 - (1 - 0.5) * (1 - 0.2)
     phi = np.empty(C.N_FEAT)
-    C.features(cp, prior, 1, 3, 0, phi)
+    C.features(cp, prior, 1, 3, 0, np.zeros(C.N_SRC), phi)
     assert C.predict(C.prior_weights(), phi) == pytest.approx(prior, abs=1e-9)
 
 
@@ -47,7 +47,7 @@ def test_combiner_learns_that_a_source_is_wrong():
     # a source claiming 0.9 that is never right: the learned probability falls well below the claim
     cp = np.array([0.0, 0.0, 0.0, 0.9, 0.0])
     phi = np.empty(C.N_FEAT)
-    C.features(cp, 0.9, 1, 0, 0, phi)
+    C.features(cp, 0.9, 1, 0, 0, np.zeros(C.N_SRC), phi)
     lr = C.OnlineLogistic(lr=0.2)
     before = C.predict(lr.w, phi)
     for _ in range(50):

@@ -4,6 +4,11 @@ Each step of a trace mirrors real greedy decoding: the context is the prompt plu
 step's root token (the model's own next token, known from the trace); the drafter observes it (adaptive
 update) and drafts a tree; the step accepts the longest tree path that matches the recorded continuation and
 emits root + accepted tokens. MAT = emitted tokens / steps.
+
+Traces that carry the model's top-k per output position (``top_ids``/``top_p``, :mod:`aded_ray.bench.rollouts`)
+also feed a drafter's ``observe_logits`` after each step, as verification would, for the rows whose
+predictions the trace knows: the root and the accepted nodes (real verification also scores the rejected
+nodes, so replay recycles fewer predictions than decoding does).
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ class ReplayResult:
     nodes: int = 0
     empty_steps: int = 0
     draft_us: list = field(default_factory=list, repr=False)
+    per_trace: list = field(default_factory=list, repr=False)    # (steps, emitted) of each trace
 
     @property
     def mat(self) -> float:
@@ -61,7 +67,11 @@ def replay(traces: list[dict], drafter, name: str = "drafter", progress=None, pa
     ``pace_ms``: every step lasts at least this long (sleeping for the rest), standing in for the model's
     verification pass, so processes that share state see each other at the pace a real fleet would."""
     res = ReplayResult(name)
+    recycle = getattr(drafter, "observe_logits", None)
     for tr in traces:
+        steps0, emitted0 = res.steps, res.emitted
+        top_ids = np.asarray(tr["top_ids"], np.int32) if recycle is not None and "top_ids" in tr else None
+        top_p = np.asarray(tr["top_p"], np.float32) if top_ids is not None else None
         prompt = list(tr["prompt_ids"])
         out = np.asarray(tr["output_ids"], np.int32)
         seq = np.asarray(prompt + out.tolist(), np.int32)
@@ -80,12 +90,17 @@ def replay(traces: list[dict], drafter, name: str = "drafter", progress=None, pa
             tree = drafter.draft(ctx)
             res.draft_us.append((time.perf_counter() - t0) * 1e6)
             acc = accepted_length(tree, out[i + 1:])
+            if top_ids is not None and i + 1 < out.shape[0]:
+                # rows: the root out[i] and the accepted nodes out[i+1..i+acc]; each predicted the next token
+                j = min(i + acc + 2, out.shape[0])
+                recycle(seq[p + i - 1:p + j - 2], seq[p + i:p + j - 1], top_ids[i + 1:j], top_p[i + 1:j])
             res.steps += 1
             res.emitted += 1 + acc
             res.nodes += len(tree)
             res.empty_steps += len(tree) == 0
             i += 1 + acc
         res.traces += 1
+        res.per_trace.append((res.steps - steps0, res.emitted - emitted0))
         if progress is not None:
             progress.update(1)
     return res

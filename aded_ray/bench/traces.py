@@ -24,8 +24,9 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def record_traces(*, prompts: str, out: str | Path, model: str | None = None, limit: int | None = None,
-                  max_new_tokens: int = 256, batch_size: int = 8, dtype: str = "float32") -> int:
-    """Greedy-decode every prompt of ``prompts`` and write one trace per line to ``out``."""
+                  max_new_tokens: int = 256, batch_size: int = 8, dtype: str = "float32", spread: bool = False) -> int:
+    """Greedy-decode every prompt of ``prompts`` and write one trace per line to ``out``. With ``spread``,
+    ``limit`` prompts are taken evenly over the whole set instead of its first ``limit``."""
     import torch
 
     from aded_ray.verify.loading import load_model, load_tokenizer
@@ -34,7 +35,8 @@ def record_traces(*, prompts: str, out: str | Path, model: str | None = None, li
     lm = load_model(model, dtype=dtype)
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    rows = [(p["id"], chat_ids(tok, p["messages"])) for p in load_prompts(prompts, limit)]
+    chosen = spread_pick(load_prompts(prompts), limit) if spread else load_prompts(prompts, limit)
+    rows = [(p["id"], chat_ids(tok, p["messages"])) for p in chosen]
     rows.sort(key=lambda r: len(r[1]))  # similar lengths per batch: less padding
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     t0, n_tok = time.perf_counter(), 0
@@ -54,6 +56,17 @@ def record_traces(*, prompts: str, out: str | Path, model: str | None = None, li
     dt = time.perf_counter() - t0
     print(f"recorded {len(rows)} traces, {n_tok} tokens in {dt:.0f} s ({n_tok / dt:.1f} tok/s) -> {out}")
     return len(rows)
+
+
+def spread_pick(items: list, n: int | None) -> list:
+    """``n`` items spread evenly over ``items`` (all of them when ``n`` is None or not smaller).
+
+    >>> spread_pick(list(range(10)), 3)
+    [0, 3, 6]
+    """
+    if n is None or len(items) <= n:
+        return list(items)
+    return [items[(i * len(items)) // n] for i in range(n)]
 
 
 def load_traces(path: str | Path) -> list[dict]:

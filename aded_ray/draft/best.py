@@ -27,7 +27,9 @@ from numba import njit
 from aded_ray.draft import combine as C
 from aded_ray.draft import kernels as K
 from aded_ray.draft import recycle as R
-from aded_ray.draft.suffix import TokenIndex, match
+from aded_ray.draft import step as S
+from aded_ray.draft.step import _to_bfs, observe_kernel
+from aded_ray.draft.suffix import TokenIndex, match3
 from aded_ray.draft.tree import DraftTree
 
 # Accuracy of the top continuation by match length m (index m, the last entry for every longer match),
@@ -54,6 +56,8 @@ DEFAULTS = dict(
 
 S_REQ, S_HIST, S_MAT, S_PAIR, S_LAST = range(C.N_SRC)
 MAX_CAND = 64
+_NO_TOK = np.zeros(0, np.int32)
+_NO_FEAT = np.zeros((0, C.N_FEAT), np.float64)
 
 
 @njit(cache=True)
@@ -87,21 +91,21 @@ def _candidates(rix, hix, mat, rec, tail, n_tail, off_path, prm_f, prm_i, rconf,
     """Candidates for the context ``request + path``, where ``tail[:n_tail]`` is the end of that context
     and the path starts at ``tail[off_path]``. Writes tokens, per-source probabilities and the two match
     lengths (``mlen``); returns the candidate count."""
-    rseq, rn, rprev, rlast = rix
-    hseq, hn, hprev, hlast = hix
+    rseq, rn, rprev, rlast, rprev3, rhead3 = rix
+    hseq, hn, hprev, hlast, hprev3, hhead3 = hix
     base, ov, prm = mat
     rkeys, rids, rprobs, n_tok, slot_bits = rec
     mt, mc, tbuf, wbuf = bufs
     max_len, max_occ = prm_i[0], prm_i[1]
     n = 0
     path = tail[off_path:n_tail]
-    k, m = match(rseq, rn, rprev, rlast, path, path.shape[0], max_len, max_occ, mt, mc)
+    k, m = match3(rseq, rn, rprev, rlast, rprev3, rhead3, path, path.shape[0], max_len, max_occ, mt, mc)
     n = _add_matches(toks, cp, n, mt, mc, k, rconf[min(m, rconf.shape[0] - 1)], S_REQ)
     mlen[0] = m
     mlen[1] = 0
     if hn > 1:
         # the context is not part of the history: match the context's tail (request end + path)
-        k, m = match(hseq, hn, hprev, hlast, tail, n_tail, max_len, max_occ, mt, mc)
+        k, m = match3(hseq, hn, hprev, hlast, hprev3, hhead3, tail, n_tail, max_len, max_occ, mt, mc)
         n = _add_matches(toks, cp, n, mt, mc, k, hconf[min(m, hconf.shape[0] - 1)], S_HIST)
         mlen[1] = m
     a = tail[n_tail - 2] if n_tail >= 2 else -1
@@ -124,10 +128,13 @@ def _candidates(rix, hix, mat, rec, tail, n_tail, off_path, prm_f, prm_i, rconf,
 
 
 @njit(cache=True)
-def best_first_tree(rix, hix, mat, rec, prm_f, prm_i, rconf, hconf, w, max_nodes, out_tok, out_par, out_score,
-                    out_feat):
-    """Grow the tree best-first; returns the number of nodes (in insertion order, parents before children).
-    ``out_feat[i]`` holds node i's combiner features (for learning once verification has judged it)."""
+def best_first_tree(rix, hix, mat, rec, prm_f, prm_i, rconf, hconf, w, sc, wl, max_nodes, out_tok, out_par,
+                    out_score, out_feat):
+    """Grow the tree best-first; returns the number of nodes, breadth-first. ``out_feat[i]`` holds node i's
+    combiner features (for learning once verification has judged it); ``sc``/``wl``: the sources' verdict
+    counts in this request and in the workload (:func:`aded_ray.draft.combine.reliability`)."""
+    rel = np.empty(C.N_SRC, np.float64)
+    C.reliability(sc, wl, rel)
     rseq, rn = rix[0], rix[1]
     max_len, branch, max_depth = prm_i[0], prm_i[2], prm_i[3]
     min_p = prm_f[1]
@@ -169,7 +176,7 @@ def best_first_tree(rix, hix, mat, rec, prm_f, prm_i, rconf, hconf, w, max_nodes
                 for s in range(C.N_SRC):
                     prior *= 1.0 - cp[i, s]
                 C.features(cp[i], 1.0 - prior, d + 1, mlen[0] if cp[i, S_REQ] > 0 else 0,
-                           mlen[1] if cp[i, S_HIST] > 0 else 0, feat[i])
+                           mlen[1] if cp[i, S_HIST] > 0 else 0, rel, feat[i])
                 ps[i] = C.predict(w, feat[i])
             parent_sc = 1.0 if node < 0 else out_score[node]
             # keep the best ``branch`` candidates
@@ -205,6 +212,7 @@ def best_first_tree(rix, hix, mat, rec, prm_f, prm_i, rconf, hconf, w, max_nodes
         nf -= 1
         f_tok[bi], f_par[bi], f_sc[bi] = f_tok[nf], f_par[nf], f_sc[nf]
         f_feat[bi] = f_feat[nf]
+    _to_bfs(n_nodes, depth, out_tok, out_par, out_score, out_feat)
     return n_nodes
 
 
@@ -239,10 +247,11 @@ class BestDrafter:
                 raise ValueError(f"request_conf/history_conf must be tables of probabilities, got {t.tolist()}")
         self.prm_i = np.array([p["max_len"], p["max_occ"], p["branch"], p["max_depth"]], np.int64)
         self.request = TokenIndex(matrix.vocab_size)   # the default session's request (single-request use)
-        self.history = TokenIndex(matrix.vocab_size)
+        self.history = TokenIndex(matrix.vocab_size, hash_bits=18)
         self.recycle = R.RecycleTable(matrix.vocab_size, int(p["recycle_k"]))
         self.combiner = C.OnlineLogistic(p["weights"], p["learn_rate"])
         self._last = None                 # (context length, tokens, parents, features) of the last draft
+        self.sc = np.zeros((2, C.N_SRC))  # the request's verdicts per source (combine.reliability)
         # Optional sharing hook (duck-typed, e.g. SharedStore): ``record_request(tokens)`` receives this
         # process's finished requests, ``drain_history(drafter)`` hands over the other processes' ones.
         self.journal = None
@@ -251,28 +260,50 @@ class BestDrafter:
         """Single-request use: a ``seq`` that does not continue the indexed request starts a new one (the
         finished one joins the history). Concurrent requests each use their own :meth:`session`."""
         seq = np.asarray(seq, np.int32)
+        if self._observe(self, seq, restart=False):
+            return
         r = self.request
-        if r.n <= seq.shape[0] and np.array_equal(r.seq[: r.n], seq[: r.n]):
-            self._observe(self, seq)
-        else:
-            self._last = None
-            self.remember(r.seq[: r.n])
-            r.clear()
-            self._observe(self, seq)
+        self._last = None
+        self.sc[:] = 0.0
+        self.remember(r.seq[: r.n])
+        r.clear()
+        self._observe(self, seq)
 
-    def _observe(self, state, seq: np.ndarray) -> None:
-        """Adaptive update, judge the state's last draft, index the tokens new to its request."""
+    def _observe(self, state, seq: np.ndarray, restart: bool = True) -> bool:
+        """Adaptive update, judge the state's last draft, index the tokens new to its request; the common case
+        in one kernel (:func:`aded_ray.draft.step.observe_kernel`). A ``seq`` that does not continue the
+        request starts it over (``restart``) or changes nothing and returns False."""
         if self.journal is not None:
             self.journal.drain_history(self)
-        self.matrix.update(seq, self.window)
-        r = state.request
-        if r.n <= seq.shape[0] and np.array_equal(r.seq[: r.n], seq[: r.n]):
+        r, m, c = state.request, self.matrix, self.combiner
+        last = state._last
+        fast_update = m.journal is None       # a journal (fleet store) sees every update through matrix.update
+        if last is None:
+            n_ctx, tokens, parents, feats = -1, _NO_TOK, _NO_TOK, _NO_FEAT
+        else:
+            n_ctx, tokens, parents, feats = last
+        status, n, judged = observe_kernel(r.seq, r.n, r.prev, r.last, r.prev3, r.head3, seq, m.ov, m.prm,
+                                           self.window, fast_update, tokens, parents, feats, n_ctx,
+                                           last is not None and c.lr > 0, c.w, c.g2, c.lr, state.sc, c.workload)
+        if status == S.OK:
+            state._last = None
+            r.n = n
+            c.seen += judged
+            if not fast_update:
+                m.update(seq, self.window)
+            return True
+        if status == S.RESTART and not restart:
+            return False
+        m.update(seq, self.window)
+        if status == S.SLOW:
             self._learn(state, seq)
             r.extend(seq[r.n:])
         else:                            # a session's tokens never shrink; start over if they do
             state._last = None
+            state.sc[:] = 0.0
             r.clear()
             r.extend(seq)
+        return True
 
     def session(self) -> "DraftSession":
         """A drafter for one request among several running at once: its own request index and last draft;
@@ -293,8 +324,7 @@ class BestDrafter:
         n_ctx, tokens, parents, feats = last
         if seq.shape[0] <= n_ctx or state.request.n != n_ctx:
             return
-        judged, ok = C.judge(tokens, parents, seq[n_ctx:])
-        self.combiner.learn(feats[judged], ok[judged])
+        self.combiner.learn_draft(tokens, parents, feats, seq[n_ctx:], state.sc)
 
     def reset(self) -> None:
         """Forget the current request, the history, the recycled predictions and what the combiner learned
@@ -304,6 +334,7 @@ class BestDrafter:
         self.recycle.clear()
         self.combiner.reset()
         self._last = None
+        self.sc[:] = 0.0
 
     def remember(self, tokens, share: bool = True) -> None:
         """Add a finished request's tokens to the history (cleared when it outgrows its budget); with
@@ -333,11 +364,12 @@ class BestDrafter:
         out_sc = np.empty(b, np.float64)
         out_feat = np.empty((b, C.N_FEAT), np.float64)
         m, h, rc = self.matrix, self.history, self.recycle
-        n = best_first_tree((r.seq, r.n, r.prev, r.last), (h.seq, h.n, h.prev, h.last), (m.base, m.ov, m.prm),
+        n = best_first_tree(r.arrays, h.arrays, (m.base, m.ov, m.prm),
                             (rc.keys, rc.ids, rc.probs, rc.n_tokens, rc.slot_bits), self.prm_f, self.prm_i,
-                            self.rconf, self.hconf, self.combiner.w, b, out_tok, out_par, out_sc, out_feat)
-        tree, order = _bfs(out_tok[:n], out_par[:n], out_sc[:n])
-        state._last = (r.n, tree.tokens, tree.parents, out_feat[:n][order])
+                            self.rconf, self.hconf, self.combiner.w, state.sc, self.combiner.workload, b,
+                            out_tok, out_par, out_sc, out_feat)
+        tree = DraftTree.trusted(out_tok[:n], out_par[:n], out_sc[:n])     # breadth-first from the kernel
+        state._last = (r.n, tree.tokens, tree.parents, out_feat[:n])
         return tree
 
 
@@ -349,6 +381,7 @@ class DraftSession:
         self.drafter = drafter
         self.request = TokenIndex(drafter.matrix.vocab_size)
         self._last = None
+        self.sc = np.zeros((2, C.N_SRC))
 
     def observe(self, seq) -> None:
         self.drafter._observe(self, np.asarray(seq, np.int32))
@@ -367,6 +400,7 @@ class DraftSession:
             self.drafter.remember(r.seq[: r.n].copy(), share=share)
         r.clear()
         self._last = None
+        self.sc[:] = 0.0
 
 
 def _bfs(tok, par, score) -> tuple[DraftTree, np.ndarray]:

@@ -5,10 +5,13 @@ say). The sources are correlated and differently calibrated, so instead of trust
 drafter scores a candidate with a logistic model over features of that evidence::
 
     p = sigmoid(w . phi)        phi = [1, per source (present, p_s, logit p_s), logit(noisy-OR prior),
-                                       depth == 1, depth >= 3, request match length / 16, history ... / 16]
+                                       depth == 1, depth >= 3, request match length / 16, history ... / 16,
+                                       per source proposing it: its reliability in this request]
 
-With the initial weights (1 on the prior's logit, 0 elsewhere) p is exactly the noisy-OR prior
-``1 - prod(1 - p_s)``. Verification then judges every drafted node whose parent was accepted (``judge``), and
+With the initial weights (1 on the prior's logit and on each source's reliability, 0 elsewhere) p is exactly
+the noisy-OR prior ``1 - prod(1 - p_s)`` at a request's start, and moves by a source's log-odds deviation
+in this request (shrunk toward the workload's rate) as its verdicts come in. Verification then judges every
+drafted node whose parent was accepted (``judge``), and
 AdaGrad steps on the log-loss fit ``w`` to what this model, on this traffic, actually accepts. numpy + numba.
 """
 from __future__ import annotations
@@ -18,8 +21,39 @@ from numba import njit
 
 SOURCES = ("request", "history", "matrix", "recycle_pair", "recycle_last")
 N_SRC = len(SOURCES)
-N_FEAT = 1 + 3 * N_SRC + 1 + 2 + 2
+N_FEAT = 1 + 3 * N_SRC + 1 + 2 + 2 + N_SRC
 PRIOR = 1 + 3 * N_SRC                  # index of the prior's logit
+REL = PRIOR + 5                        # per source: this request's reliability against the workload's
+SHRINK = 8.0                           # a request's rate counts as much as the workload's after 8 judged nodes
+DECAY = 0.998                          # the workload's rates forget with this factor per judged node
+
+
+@njit(cache=True)
+def reliability(sc, wl, out):
+    """Per source: ``logit(request rate) - logit(workload rate)``, where the request's rate is shrunk toward
+    the workload's (``SHRINK`` pseudo-counts, the guard against one request's few verdicts) and the workload
+    rate is a decayed count with a Laplace prior. ``sc[0, s]`` / ``sc[1, s]``: accepted / judged nodes
+    where source s had a say, in this request; ``wl``: the same, decayed, over the workload.
+
+    >>> out = np.zeros(N_SRC); sc = np.zeros((2, N_SRC)); wl = np.zeros((2, N_SRC))
+    >>> reliability(sc, wl, out); out.tolist() == [0.0] * N_SRC
+    True
+    """
+    for s in range(N_SRC):
+        r = (wl[0, s] + 1.0) / (wl[1, s] + 2.0)
+        q = (sc[0, s] + SHRINK * r) / (sc[1, s] + SHRINK)
+        out[s] = _logit(q) - _logit(r)
+
+
+@njit(cache=True)
+def count_verdict(phi, ok, sc, wl):
+    """Count one judged node for every source present in its features ``phi``."""
+    for s in range(N_SRC):
+        if phi[1 + 3 * s] > 0.0:
+            sc[0, s] += ok
+            sc[1, s] += 1.0
+            wl[0, s] = DECAY * wl[0, s] + ok
+            wl[1, s] = DECAY * wl[1, s] + 1.0
 
 
 @njit(cache=True)
@@ -29,8 +63,9 @@ def _logit(p):
 
 
 @njit(cache=True)
-def features(cp, prior, depth, m_request, m_history, out):
-    """Write the feature vector of one candidate into ``out`` (length N_FEAT)."""
+def features(cp, prior, depth, m_request, m_history, rel, out):
+    """Write the feature vector of one candidate into ``out`` (length N_FEAT); ``rel``: see
+    :func:`reliability` (a source's term is 0 unless it proposed the candidate)."""
     out[0] = 1.0
     for s in range(N_SRC):
         present = cp[s] > 0.0
@@ -42,6 +77,8 @@ def features(cp, prior, depth, m_request, m_history, out):
     out[PRIOR + 2] = 1.0 if depth >= 3 else 0.0
     out[PRIOR + 3] = m_request / 16.0
     out[PRIOR + 4] = m_history / 16.0
+    for s in range(N_SRC):
+        out[REL + s] = rel[s] if cp[s] > 0.0 else 0.0
 
 
 @njit(cache=True)
@@ -55,6 +92,7 @@ def predict(w, phi):
 def prior_weights() -> np.ndarray:
     w = np.zeros(N_FEAT)
     w[PRIOR] = 1.0
+    w[REL:REL + N_SRC] = 1.0           # a source's log-odds move by its request's deviation (0 at a request's start)
     return w
 
 
@@ -72,6 +110,7 @@ class OnlineLogistic:
         self.lr = float(lr)
         self.g2 = np.full(N_FEAT, 1e-2)
         self.seen = 0
+        self.workload = np.zeros((2, N_SRC))    # decayed accepted / judged counts per source (reliability)
 
     def learn(self, phi: np.ndarray, y: np.ndarray) -> None:
         """One step on judged nodes: ``phi [n, N_FEAT]``, ``y [n]`` (1 = accepted)."""
@@ -83,10 +122,48 @@ class OnlineLogistic:
         self.w += self.lr * g / np.sqrt(self.g2)
         self.seen += phi.shape[0]
 
+    def learn_draft(self, tokens, parents, feats, truth, sc=None) -> int:
+        """Judge a breadth-first draft against ``truth`` (see :func:`judge`) and take one step on the judged
+        nodes, in one kernel (the same step as ``learn(feats[judged], ok[judged])``). Returns how many nodes
+        were judged."""
+        m = judge_learn(tokens, parents, feats, truth, self.w, self.g2, self.lr,
+                        np.zeros((2, N_SRC)) if sc is None else sc, self.workload)
+        self.seen += m
+        return m
+
     def reset(self) -> None:
         self.w = self.initial.copy()
         self.g2[:] = 1e-2
         self.seen = 0
+        self.workload[:] = 0.0
+
+
+@njit(cache=True)
+def judge_learn(tokens, parents, feats, truth, w, g2, lr, sc, wl):
+    """:func:`judge` and one AdaGrad step on the judged nodes (``w`` and ``g2`` updated in place), each
+    verdict counted for the sources' reliability (``sc``: the request's, ``wl``: the workload's, see
+    :func:`reliability`); returns the number of judged nodes."""
+    n = tokens.shape[0]
+    ok = np.zeros(n, np.bool_)
+    depth = np.zeros(n, np.int64)
+    grad = np.zeros(w.shape[0])
+    m = 0
+    for i in range(n):
+        p = parents[i]
+        depth[i] = 1 if p < 0 else depth[p] + 1
+        if (p < 0 or ok[p]) and depth[i] <= truth.shape[0]:
+            ok[i] = tokens[i] == truth[depth[i] - 1]
+            pr = predict(w, feats[i])
+            y = 1.0 if ok[i] else 0.0
+            count_verdict(feats[i], y, sc, wl)
+            for f in range(w.shape[0]):
+                grad[f] += (y - pr) * feats[i, f]
+            m += 1
+    if m > 0 and lr > 0:
+        for f in range(w.shape[0]):
+            g2[f] += grad[f] * grad[f]
+            w[f] += lr * grad[f] / np.sqrt(g2[f])
+    return m
 
 
 def judge(tokens, parents, truth) -> tuple[np.ndarray, np.ndarray]:

@@ -66,6 +66,9 @@ class RecycleTable:
         self.keys = np.full(rows, -1, np.int64)
         self.ids = np.zeros((rows, k), np.int32)
         self.probs = np.zeros((rows, k), np.float32)
+        # Optional sharing hook (duck-typed, e.g. store.model_state.ModelStateSync): ``record_recycle(prev,
+        # inputs, top_ids, top_p)`` receives this process's own recordings (validated arrays) after they apply.
+        self.journal = None
 
     def record(self, prev, inputs, top_ids, top_p) -> None:
         """After tokens ``prev[i], inputs[i]`` (``prev[i] = -1``: unknown) the model's top next tokens were
@@ -78,6 +81,8 @@ class RecycleTable:
             raise ValueError(f"shapes differ: prev {prev.shape}, inputs {inputs.shape}, ids {top_ids.shape}, "
                              f"probs {top_p.shape}")
         record(self.keys, self.ids, self.probs, self.n_tokens, self.slot_bits, prev, inputs, top_ids, top_p)
+        if self.journal is not None:
+            self.journal.record_recycle(prev, inputs, top_ids, top_p)
 
     def get(self, a: int, b: int) -> tuple[list[int], list[float], bool]:
         """The recorded top-k after ``(a, b)`` (or after ``b``), and whether the pair matched exactly."""

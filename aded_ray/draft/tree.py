@@ -45,6 +45,16 @@ class DraftTree:
                 raise ValueError(f"scores {self.scores.shape} must match tokens {self.tokens.shape}")
         validate(self.tokens, self.parents)
 
+    @classmethod
+    def trusted(cls, tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray | None = None) -> "DraftTree":
+        """A tree from arrays a drafter's kernel built breadth-first (int32 / float64, contiguous): no copy and
+        no validation, for the per-step hot path. Anything else goes through the validating constructor."""
+        t = object.__new__(cls)
+        object.__setattr__(t, "tokens", tokens)
+        object.__setattr__(t, "parents", parents)
+        object.__setattr__(t, "scores", scores)
+        return t
+
     def ranks(self) -> np.ndarray:
         """``[N]`` rank of each node in the order the drafter would give up nodes under a smaller budget:
         by score (stable) when scored, else the breadth-first index (truncation keeps a prefix)."""

@@ -8,6 +8,11 @@ keeps deployments from sharing drafting state unless they are configured with th
   successor (int32), little-endian. The merged state: what a new process warm-starts from.
 - ``...:log`` a stream of delta batches ``{w: writer id, d: packed arrays}`` (int64 keys, int32 successors,
   int32 counts: numbers only, decoded with numpy, never unpickled or evaluated), trimmed to a bounded length.
+- ``...:meta`` a hash naming the model the state belongs to (tokenizer fingerprint, vocabulary size, model,
+  recycle width, combiner features): a process whose own differ refuses the namespace
+  (:class:`StoreMismatch`) instead of drafting from another model's state.
+- ``...:rec``, ``...:rlog``, ``...:comb``: the model's recycled predictions and the learned combiner weights
+  (:mod:`aded_ray.store.model_state`, merge rules there).
 - ``...:hist`` a stream of finished requests' token ids ``{w, t: int32 array}``, trimmed to ``hist_maxlen``
   entries and ``retention_s`` seconds: the fleet's shared history, which a drafter with a ``remember`` method
   (the best-first drafter) matches. ``share_history=False`` neither writes nor reads it.
@@ -41,6 +46,18 @@ import uuid
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+class StoreMismatch(ValueError):
+    """The namespace holds the state of another model (tokenizer, vocabulary, model or table shapes)."""
+
+
+# KEYS: meta. ARGV: ttl ms, field1, value1, ...: set once (the first process), then returned as it is
+_META_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
+if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1])) end
+return redis.call('HGETALL', KEYS[1])
+"""
 _TENANT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 # KEYS: counts, log, applied (writer -> last applied batch number)
@@ -113,7 +130,9 @@ class SharedStore:
                  retention_s: float = 3600.0, state_ttl_s: float = 7 * 86400.0,
                  flush_interval_s: float = 0.2, pull_interval_s: float = 0.2, batch_max: int = 8192,
                  max_buffer: int = 1_000_000, stream_maxlen: int = 100_000, max_fields: int = 20_000_000,
-                 socket_timeout_s: float = 0.5, start: bool = True):
+                 socket_timeout_s: float = 0.5, start: bool = True, share_model: bool = True,
+                 share_combiner: bool = True, combiner_interval_s: float = 1.0, model: str | None = None,
+                 max_recycle_fields: int = 500_000):
         import redis
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
@@ -131,7 +150,8 @@ class SharedStore:
         self.tenant = tenant
         self.ns = f"aded:{{{tenant}/{store_id}}}"
         self.k_counts, self.k_log, self.k_hist = f"{self.ns}:counts", f"{self.ns}:log", f"{self.ns}:hist"
-        self.k_applied = f"{self.ns}:applied"
+        self.k_applied, self.k_meta = f"{self.ns}:applied", f"{self.ns}:meta"
+        self.refused: str | None = None
         self.share_history = share_history
         self.hist_maxlen, self.hist_warm, self.max_request_tokens = hist_maxlen, hist_warm, max_request_tokens
         self.retention_ms, self.state_ttl_ms = int(retention_s * 1000), int(state_ttl_s * 1000)
@@ -149,6 +169,17 @@ class SharedStore:
             kw["password"] = password
         self.redis = redis.Redis.from_url(url, **kw)
         self._flush = self.redis.register_script(_FLUSH_LUA)
+        self._meta_script = self.redis.register_script(_META_LUA)
+        self.model_sync = None
+        if share_model and hasattr(drafter, "recycle") and hasattr(drafter, "combiner"):
+            from aded_ray.store.model_state import ModelStateSync
+
+            self.model_sync = ModelStateSync(self, drafter, share_combiner=share_combiner,
+                                             combiner_interval_s=combiner_interval_s, max_fields=max_recycle_fields)
+        self.meta = {"format": "1", "tokenizer": str(matrix.meta.get("tokenizer", "")), "vocab_size": str(self.V),
+                     "model": str(model or matrix.meta.get("model", "")),
+                     "recycle_k": str(self.model_sync.k) if self.model_sync else "",
+                     "n_feat": str(drafter.combiner.w.shape[0]) if self.model_sync else ""}
         self._outbox: collections.deque = collections.deque()
         self._outbox_n = 0
         self._inbox: collections.deque = collections.deque()
@@ -232,6 +263,8 @@ class SharedStore:
                 continue
             self.matrix.apply_deltas(keys, toks, np.minimum(counts, self.max_count))
             self.stats["applied_entries"] += keys.shape[0]
+        if self.model_sync is not None and self.synced:
+            self.model_sync.drain()
 
     # ---- background side ------------------------------------------------------------------------
     def _credential_error(self, e) -> ValueError | None:
@@ -252,6 +285,16 @@ class SharedStore:
             if bad is not None:
                 raise bad from e
             self._outage(e, "at start: serving on local state until it answers")
+            return
+        try:
+            self._check_model()
+        except StoreMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001
+            bad = self._credential_error(e)
+            if bad is not None:
+                raise bad from e
+            self._outage(e, "at start: serving on local state until it answers")
 
     def _connect_and_warm_start(self) -> None:
         """Load the merged state now; raises on a wrong password or an unreachable server."""
@@ -262,6 +305,19 @@ class SharedStore:
             if bad is not None:
                 raise bad from e
             raise
+
+    def _check_model(self) -> None:
+        """Claim the namespace for this model, or raise :class:`StoreMismatch` if it holds another's state."""
+        args = [max(self.state_ttl_ms, self.retention_ms)]
+        for k, v in self.meta.items():
+            args += [k, v]
+        got = self._meta_script(keys=[self.k_meta], args=args)
+        theirs = {got[i].decode(errors="replace"): got[i + 1].decode(errors="replace") for i in range(0, len(got) - 1, 2)}
+        diff = [f"{k} {theirs[k]!r} (this process: {v!r})" for k, v in self.meta.items()
+                if v and theirs.get(k) and theirs[k] != v]
+        if diff:
+            raise StoreMismatch(f"shared store {self.ns} holds the state of another model: " + ", ".join(diff)
+                                + "; refusing it (configure another namespace, or delete that one)")
 
     def _outage(self, e, what: str = "") -> None:
         self.stats["errors"] += 1
@@ -274,6 +330,8 @@ class SharedStore:
 
     def _load_merged(self, reset: bool = False) -> None:
         """Queue the merged hash (atomically with the log position it corresponds to)."""
+        if not self.synced:
+            self._check_model()
         with self.redis.pipeline(transaction=True) as p:
             p.hgetall(self.k_counts)
             p.xrevrange(self.k_log, count=1)
@@ -303,6 +361,8 @@ class SharedStore:
             for eid, data in reversed(recent):
                 self._queue_history(data)
             self.last_hist_id = recent[0][0] if recent else b"0-0"
+        if not self.synced and self.model_sync is not None:
+            self.model_sync.load()
         if not self.synced:
             self.stats["warm_starts"] += 1
         self.synced = True
@@ -335,6 +395,10 @@ class SharedStore:
                                     time.monotonic() - self._down_since)
                         self._down_since = None
                     self.stats["redis_up"] = 1
+            except StoreMismatch as e:
+                log.error("%s: this process decodes on its local state and shares nothing", e)
+                self.refused, self.stats["redis_up"] = str(e), 0
+                return
             except Exception as e:  # noqa: BLE001 - any failure: stay local, retry later
                 bad = self._credential_error(e)
                 if bad is not None and self._down_since is None:
@@ -375,6 +439,8 @@ class SharedStore:
                 p.pexpire(self.k_hist, self.retention_ms)
                 p.execute()
             self._hist_out.popleft()
+        if self.model_sync is not None:
+            self.model_sync.flush()
         sent = 0
         while True:
             if self._retry is None:
@@ -413,6 +479,8 @@ class SharedStore:
     def pull(self) -> int:
         """Read the log after ``last_id``; queue the other writers' batches for the decode thread."""
         got = 0
+        if self.model_sync is not None:
+            self.model_sync.pull()
         if self.share_history:
             resp = self.redis.xread({self.k_hist: self.last_hist_id}, count=256)
             for eid, data in (resp[0][1] if resp else []):
@@ -445,6 +513,7 @@ class SharedStore:
         keys = ("redis_up", "recorded_counts", "flushed_counts", "flushed_entries", "dropped_entries", "outages",
                 "resyncs", "warm_starts", "duplicates_skipped", "errors")
         return {"namespace": self.tenant, "writer": self.writer.decode(), "synced": self.synced,
+                "refused": self.refused is not None,
                 "outbox": self._outbox_n + (self._retry[1] if self._retry is not None else 0),
                 **{k: self.stats[k] for k in keys}}
 
@@ -464,4 +533,6 @@ class SharedStore:
             except Exception as e:  # noqa: BLE001
                 log.warning("final flush to Redis failed: %s", e)
         self.matrix.journal = None
+        if self.model_sync is not None:
+            self.model_sync.close()
         self.redis.close()

@@ -1,0 +1,129 @@
+"""End to end: a fleet of engine processes (the model verifying) serving the rollout workload, sharing one
+Redis store or each alone; tokens/s and MAT.
+
+Each process builds an :class:`aded_ray.engine.Engine` (``threads`` torch threads, one request at a time),
+warms up on one unrelated request, connects its matrix and drafter to the store (shared) or not
+(isolated), and serves its deal of the requests when every process is ready. A request is one sample of a
+rollout: the prompt of a recorded rollout trace, temperature 0.8, seed = its position in the workload, so
+the shared and the isolated fleet must produce the same tokens (exact speculative sampling): that is
+checked. Fleet tokens/s = all completion tokens / the time from the common start to the last replica's end.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+
+def _worker(args) -> dict:
+    from aded_ray.config import EngineConfig, VerifyConfig
+    from aded_ray.engine import Engine
+
+    store, requests, url, ns, ready_dir, n_procs, max_new, threads, temperature = args
+    eng = Engine(EngineConfig(store=store, max_batch=1, verify=VerifyConfig(threads=threads, device="cpu")))
+    list(eng.generate("Say hello.", chat=True, max_new_tokens=8))
+    shared = None
+    if url:
+        from aded_ray.store.redis_store import SharedStore
+
+        shared = SharedStore(eng.matrix, url, namespace=ns, drafter=eng.drafter)
+    import os
+    from pathlib import Path
+
+    Path(ready_dir, str(os.getpid())).touch()               # start together, once every engine is built
+    while len(os.listdir(ready_dir)) < n_procs:
+        time.sleep(0.01)
+    if shared is not None:
+        while not shared.synced:
+            time.sleep(0.01)
+    t0 = time.time()
+    outs = []
+    for r in requests:
+        ids, stats = [], None
+        for ch in eng.generate(r["prompt_ids"], max_new_tokens=max_new, temperature=temperature, seed=r["seed"]):
+            ids += ch.token_ids
+            stats = ch.stats or stats
+        outs.append({"id": r["id"], "ids": ids, "steps": stats.steps, "emitted": stats.emitted})
+    t1 = time.time()
+    res = {"start": t0, "end": t1, "outs": outs, "mode": eng.mode, "speculate": eng.speculate}
+    if shared is not None:
+        shared.flush()                 # then count the finished requests (sampled) the fleet's history holds
+        res["hist_len"] = shared.redis.xlen(shared.k_hist)
+        res["store"] = {**shared.stats, **(shared.model_sync.stats if shared.model_sync else {})}
+        shared.close()
+    eng.shutdown()
+    return res
+
+
+def rollout_requests(traces: list[dict], per_set: int) -> list[dict]:
+    """The samples of the first ``per_set`` rollout prompts of each set (MT-Bench, HumanEval, ShareGPT),
+    prompt-major, each with its own seed."""
+    groups: dict[str, list[dict]] = {}
+    for t in traces:
+        groups.setdefault(t["group"], []).append(t)
+    chosen, per = [], {}
+    for g, samples in groups.items():
+        kind = g.split("-")[0].split("/")[0].lower()
+        if per.get(kind, 0) < per_set:
+            per[kind] = per.get(kind, 0) + 1
+            chosen += samples
+    return [{"id": t["id"], "prompt_ids": t["prompt_ids"], "seed": 1000 + i} for i, t in enumerate(chosen)]
+
+
+def run(requests: list[dict], store: str | None, url: str | None, *, processes: int = 4, max_new: int = 96,
+        threads: int = 1, temperature: float = 0.8) -> dict:
+    import tempfile
+
+    deal = [requests[i::processes] for i in range(processes)]
+    with tempfile.TemporaryDirectory() as ready:
+        jobs = [(store, d, url, f"e2e-{time.time_ns()}", ready, processes, max_new, threads, temperature) for d in deal]
+        with mp.get_context("spawn").Pool(processes) as pool:
+            outs = pool.map(_worker, jobs)
+    tokens = sum(len(o["ids"]) for w in outs for o in w["outs"])
+    steps = sum(o["steps"] for w in outs for o in w["outs"])
+    emitted = sum(o["emitted"] for w in outs for o in w["outs"])
+    wall = max(w["end"] for w in outs) - min(w["start"] for w in outs)
+    return {"tokens": tokens, "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 2),
+            "mat": round(emitted / max(steps, 1), 4), "mode": outs[0]["mode"], "speculate": outs[0]["speculate"],
+            "ids": {o["id"]: o["ids"] for w in outs for o in w["outs"]},
+            "store": [w.get("store") for w in outs], "hist_len": max(w.get("hist_len", 0) for w in outs)}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    from aded_ray.bench.traces import load_traces
+    from aded_ray.paths import cache_dir, default_store
+    from aded_ray.store.server import RedisServer
+
+    ap = argparse.ArgumentParser(description="end-to-end fleet on the rollout workload: shared vs isolated")
+    ap.add_argument("--traces", default=str(cache_dir() / "traces" / "rollouts.jsonl"))
+    ap.add_argument("--per-set", type=int, default=1)
+    ap.add_argument("--processes", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--store", default=str(default_store()))
+    a = ap.parse_args(argv)
+    reqs = rollout_requests(load_traces(a.traces), a.per_set)
+    srv = RedisServer(cache_dir() / "bench-redis-e2e")
+    try:
+        iso = run(reqs, a.store, None, processes=a.processes, max_new=a.max_new_tokens, threads=a.threads)
+        sh = run(reqs, a.store, srv.url, processes=a.processes, max_new=a.max_new_tokens, threads=a.threads)
+    finally:
+        srv.stop()
+    same = sum(iso["ids"][k] == sh["ids"][k] for k in iso["ids"])
+    print(f"{len(reqs)} requests ({a.per_set} prompt(s) per set x samples), {a.processes} processes x "
+          f"{a.threads} thread(s), mode {sh['mode']}, speculation {sh['speculate']}, temperature 0.8, "
+          f"max {a.max_new_tokens} tokens; identical outputs shared vs isolated: {same}/{len(reqs)}")
+    print("| fleet | tokens | wall s | tokens/s | MAT |\n|---|---|---|---|---|")
+    for name, r in (("isolated", iso), ("shared store", sh)):
+        print(f"| {name} | {r['tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.2f} | {r['mat']:.3f} |")
+    print(f"sampled requests in the shared fleet's history: {sh['hist_len']} of {len(reqs)}")
+    print(f"shared / isolated tokens/s: {sh['tok_s'] / iso['tok_s']:.3f}x, MAT {sh['mat'] / iso['mat']:.3f}x")
+    print(json.dumps({"isolated": {k: v for k, v in iso.items() if k != "ids"},
+                      "shared": {k: v for k, v in sh.items() if k != "ids"}}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
