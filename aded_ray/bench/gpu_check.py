@@ -105,7 +105,7 @@ def run(device: str = "auto", quick: bool | None = None, out: Path | None = None
     from aded_ray.bench.load import markdown as load_markdown
     from aded_ray.bench.load import run_bench_load
 
-    lr = run_bench_load(levels=(1, 2) if quick else (1, 4, 16, 64), max_new_tokens=12 if quick else 32,
+    lr = run_bench_load(levels=(1, 2) if quick else (1, 4, 16, 32), max_new_tokens=12 if quick else 32,
                         min_requests=2 if quick else 8, device=device, out_dir=out or Path("results/tmp"))
     parts += ["", "## Under concurrent load (`aded bench-load`: one at a time, batched plain, batched speculative)",
               "", load_markdown(lr), f"({time.time() - t:.0f} s)", "", f"total {time.time() - t0:.0f} s"]
