@@ -188,7 +188,7 @@ def _generate(a) -> int:
 
 def _cost(a) -> int:
     from aded_ray.config import VerifyConfig
-    from aded_ray.verify.budget import measure_cost_curve
+    from aded_ray.verify.cost import measure_cost_curve
     from aded_ray.verify.exactness import check_exactness, check_shapes
 
     ks = tuple(a.ks)
@@ -284,7 +284,7 @@ def _bench_store(a) -> int:
         server = RedisServer(cache_dir() / "bench-redis")
         url = server.url
     step_ms = None
-    from aded_ray.verify.budget import machine_key
+    from aded_ray.verify.cost import machine_key
 
     for f in sorted((cache_dir() / "cost").glob(f"cost-{machine_key()}-*.json"), key=lambda f: f.stat().st_mtime):
         d = json.loads(f.read_text())           # the k=16 pass of one request, fp32-packed on the CPU

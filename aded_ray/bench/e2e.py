@@ -39,7 +39,7 @@ def _hf_generate(model, tok, ids, max_new, **kw):
 def fastest_plain_mode(device: str = "cpu", candidates=None) -> tuple[str, dict, dict]:
     """The verify mode with the cheapest one-token pass on this machine, each mode's k=1 cost (ms), and the
     modes skipped because the hardware cannot run them (with the reason)."""
-    from aded_ray.verify.budget import measure_cost_curve
+    from aded_ray.verify.cost import measure_cost_curve
     from aded_ray.verify.modes import load_for_mode
 
     if candidates is None:

@@ -41,7 +41,7 @@ def _exactness_rows(device: str, modes, quick: bool) -> list[str]:
 
 
 def _cost_rows(device: str, modes, quick: bool) -> list[str]:
-    from aded_ray.verify.budget import measure_cost_curve
+    from aded_ray.verify.cost import measure_cost_curve
     from aded_ray.verify.loading import random_model
     from aded_ray.verify.modes import load_for_mode
     from aded_ray.verify.target import TreeVerifier

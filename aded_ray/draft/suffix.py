@@ -62,6 +62,25 @@ def _ctx_tok(seq, n, ctx_tail, n_tail, q):
 
 
 @njit(cache=True)
+def _tally(m, nxt, best, k, out_tok, out_cnt):
+    """Count continuation ``nxt`` of a match of length ``m``: a longer match than ``best`` restarts the
+    tally; an equal one adds to it (distinct tokens, at most ``out_tok``'s size). Returns (best, k)."""
+    if m > best:
+        best = m
+        k = 0
+    if m == best:
+        for i in range(k):
+            if out_tok[i] == nxt:
+                out_cnt[i] += 1
+                return best, k
+        if k < out_tok.shape[0]:
+            out_tok[k] = nxt
+            out_cnt[k] = 1
+            k += 1
+    return best, k
+
+
+@njit(cache=True)
 def match3(seq, n, prev, last, prev3, head3, ctx_tail, n_tail, max_len, max_occ, out_tok, out_cnt):
     """:func:`match`, looking first at the occurrences of the context's last tri-gram (a short chain, and
     older long matches are found too); only when none continues does it walk the last token's occurrences
@@ -84,21 +103,7 @@ def match3(seq, n, prev, last, prev3, head3, ctx_tail, n_tail, max_len, max_occ,
                     if c < 0 or seq[j - m] != c:
                         break
                     m += 1
-                nxt = seq[j + 1]
-                if m > best:
-                    best = m
-                    k = 0
-                if m == best:
-                    found = False
-                    for i in range(k):
-                        if out_tok[i] == nxt:
-                            out_cnt[i] += 1
-                            found = True
-                            break
-                    if not found and k < out_tok.shape[0]:
-                        out_tok[k] = nxt
-                        out_cnt[k] = 1
-                        k += 1
+                best, k = _tally(m, seq[j + 1], best, k, out_tok, out_cnt)
             j = prev3[j]
         if best >= 3:
             return k, best
@@ -129,32 +134,11 @@ def match(seq, n, prev, last, ctx_tail, n_tail, max_len, max_occ, out_tok, out_c
             seen += 1
             m = 1
             while m < max_len and j - m >= 0:
-                q = m  # token m back from the context end
-                if q < n_tail:
-                    c = ctx_tail[n_tail - 1 - q]
-                else:
-                    idx = n - 1 - (q - n_tail)
-                    if idx < 0:
-                        break
-                    c = seq[idx]
-                if seq[j - m] != c:
+                c = _ctx_tok(seq, n, ctx_tail, n_tail, m)
+                if c < 0 or seq[j - m] != c:
                     break
                 m += 1
-            nxt = seq[j + 1]
-            if m > best:
-                best = m
-                k = 0
-            if m == best:
-                found = False
-                for i in range(k):
-                    if out_tok[i] == nxt:
-                        out_cnt[i] += 1
-                        found = True
-                        break
-                if not found and k < out_tok.shape[0]:
-                    out_tok[k] = nxt
-                    out_cnt[k] = 1
-                    k += 1
+            best, k = _tally(m, seq[j + 1], best, k, out_tok, out_cnt)
         j = prev[j]
     return k, best
 

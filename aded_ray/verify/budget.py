@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aded_ray.verify.cost import BATCH_KS, CostCurve, PassCost, machine_key, measure_cost_curve, sync  # noqa: F401
+from aded_ray.verify.cost import CostCurve, PassCost
 
 GRID = (0, 1, 3, 5, 7, 11, 15, 23, 31, 47, 63)   # draft nodes; a pass verifies nodes + 1 (the root)
 
