@@ -135,6 +135,27 @@ class LocalService:
                 pass
         return out
 
+    def replica_healths(self) -> dict[str, dict]:
+        """Each running replica's ``/health`` body, asked of its actor directly (HTTP goes through Serve's router,
+        which under load keeps choosing the less busy replica). Replicas still starting or going away are left
+        out. Reaches into Serve's replica actor (``ray==2.60``): for tests and local tools only."""
+        import ray
+
+        def ask(actor_self):
+            user = actor_self._replica_impl._user_callable_wrapper.user_callable
+            rep = getattr(user, "replica", None)
+            return None if rep is None else rep.health()
+
+        out = {}
+        for actor in self.replica_actors():
+            try:
+                h = ray.get(actor.__ray_call__.remote(ask), timeout=10)
+            except Exception:  # noqa: BLE001 - a replica that is starting or going away
+                continue
+            if h is not None:
+                out[h["replica"]] = h
+        return out
+
     def stop(self) -> None:
         import ray
         from ray import serve
