@@ -225,7 +225,7 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
     rows = reduce_batch(logits, [st.sampling for st in states],
                         [st.produced + row_depths(t) for st, t in zip(states, trees)], counts,
                         top_k=top_k if drafting else 0)
-    width = logits.shape[1]
+    width = logits.shape[0] / len(states)    # tokens per request, on average (the ragged layout pads nothing)
     del logits
     walks = [walk(t, r.tokens) for t, r in zip(trees, rows)]
     kv.commit([[0] + [i + 1 for i in path] for path, _ in walks])

@@ -75,7 +75,7 @@ class FakeKV:
             for row, c in enumerate(ctx):
                 out[r, row, next_token(c)] = 5.0
             self.pending[r] = ctx
-        return out
+        return torch.cat([out[r, : len(t) + 1] for r, t in enumerate(trees)])   # packed: real rows only
 
     def commit(self, keeps):
         for r, keep in enumerate(keeps):

@@ -146,24 +146,26 @@ def reduce_rows(logits: torch.Tensor, p: SamplingParams, *, positions=None, top_
 
 def reduce_batch(logits: torch.Tensor, samplings: list[SamplingParams], positions: list, counts: list[int],
                  top_k: int = 0) -> list[RowChoices]:
-    """:func:`reduce_rows` for a padded batch ``[B, W, V]``: request r has ``counts[r]`` real rows whose output
-    positions are ``positions[r]``. All reductions on the device, one copy to the host for the whole batch."""
-    B, W, V = logits.shape
-    flat = logits.reshape(B * W, V)
-    choice = flat.argmax(-1)
+    """:func:`reduce_rows` for a pass's packed rows ``[T, V]``: request r has ``counts[r]`` rows (from
+    ``sum(counts[:r])``) whose output positions are ``positions[r]``. All reductions on the device, one copy to
+    the host for the whole batch."""
+    offsets = np.r_[0, np.cumsum(counts)].astype(int)
+    if logits.shape[0] != offsets[-1]:
+        raise ValueError(f"{logits.shape[0]} logit rows for requests of {list(counts)} rows")
+    choice = logits.argmax(-1)
     for r, p in enumerate(samplings):
         if not p.greedy:
-            n = counts[r]
-            choice[r * W: r * W + n] = sample_rows(logits[r, :n], p, uniforms(p.seed, positions[r]))
+            a, b = offsets[r], offsets[r + 1]
+            choice[a:b] = sample_rows(logits[a:b], p, uniforms(p.seed, positions[r]))
     parts = [choice[:, None].double()]
     if top_k:
-        lg = flat.float()
+        lg = logits.float()
         top, ids = lg.topk(top_k, dim=-1)
         parts += [ids.double(), torch.exp(top - torch.logsumexp(lg, -1, keepdim=True)).double()]
-    host = torch.cat(parts, 1).cpu().numpy().reshape(B, W, -1)
+    host = torch.cat(parts, 1).cpu().numpy()
     out = []
-    for r in range(B):
-        h = host[r, : counts[r]]
+    for r in range(len(counts)):
+        h = host[offsets[r]: offsets[r + 1]]
         rc = RowChoices(h[:, 0].astype(np.int64))
         if top_k:
             rc.top_ids, rc.top_p = h[:, 1:1 + top_k].astype(np.int64), h[:, 1 + top_k:].astype(np.float32)

@@ -4,18 +4,27 @@ KV layout: per layer one buffer ``[slots, kv heads, capacity, head dim]``; reque
 requests occupy slots ``0 .. B-1`` (a leaving request's slot is filled by moving the last one into it), so
 a pass over all of them uses views, never gathers. Both dimensions grow by doubling when needed.
 
-A decode pass is a padded batch: every request contributes ``W`` tokens (its root, its tree, then padding),
-written at its own offset ``lens[r]`` of its own slot; the keys attended are the first ``max(lens) + W``
-entries of each slot, with a 4-D additive mask per request: its committed prefix, its tree's ancestors
-(``tree.ancestor_mask``), and for padding rows only themselves. Positions are ``lens[r] + depth``.
+A decode pass carries, for request r, its root and its tree (``n[r]`` tokens), written at its own offset
+``lens[r]`` of its own slot; positions are ``lens[r] + depth``. Two layouts:
+
+- **ragged** (the default): the model's linear layers see only real tokens, all requests' packed in one
+  sequence of ``T = sum(n)`` rows, so a request that drafts nothing costs one row, whatever the others draft.
+  Attention alone is padded: each layer gathers the queries into ``[B, W = max(n)]``, attends with a 4-D
+  additive mask per request over the first ``max(lens) + W`` entries of each slot (its committed prefix, its
+  tree's ancestors: ``tree.ancestor_mask``; padding rows see only their own column), and scatters the real
+  rows back. Attention in every pass of a ``BatchKV`` is SDPA with grouped query heads (the ``aded_ragged``
+  attention function, registered with transformers).
+- **padded** (with fixed ``widths``, e.g. for shape-stable GPU kernels): every request contributes ``W``
+  tokens (its root, its tree, then padding) and the whole model runs on ``[B, W]``.
+
+Both return the logits of real rows only, packed: ``[T, V]``, request r's rows from ``offsets[r]``.
 :meth:`BatchKV.commit` keeps each request's root and accepted nodes, moved right after its prefix, in one
 gather/scatter per layer. Prefill runs one request's prompt (in chunks) through its slot alone.
 
-Worked example (tests/test_batch.py): two requests with 5 and 3 committed tokens, W = 3; request 0 drafts
-[a, b] (b child of a), request 1 drafts nothing (one padding row per extra column). Keys attended: 5 + 3 = 8
-columns. Request 0's row for b sees columns 0-4 (prefix), 5 (root), 6 (a), 7 (b); request 1's root row sees
-0-2 and 3; its padding rows see 0-2 and themselves. Logits of every real row equal those of the same tokens
-verified alone.
+Worked example (tests/test_batch.py): two requests with 5 and 3 committed tokens; request 0 drafts [a, b]
+(b child of a), request 1 drafts nothing: T = 3 + 1 rows, W = 3. Keys attended: 5 + 3 = 8 columns. Request
+0's row for b sees columns 0-4 (prefix), 5 (root), 6 (a), 7 (b); request 1's root row sees 0-2 and 3.
+Logits of every real row equal those of the same tokens verified alone.
 """
 from __future__ import annotations
 
@@ -63,10 +72,14 @@ def _batch_layer_class():
                 self.lazy_initialization(key_states, value_states)
             p = self.kv.current
             self.ensure(key_states, p.first + p.batch, p.kv_len)
-            rows = torch.arange(p.first, p.first + p.batch, device=key_states.device)[:, None, None]
-            heads = torch.arange(key_states.shape[1], device=key_states.device)[None, :, None]
-            self.kbuf[rows, heads, p.write_pos[:, None, :]] = key_states
-            self.vbuf[rows, heads, p.write_pos[:, None, :]] = value_states
+            if p.ragged:                  # [1, heads, T, dim]: token t goes to (slot_t[t], pos_t[t])
+                self.kbuf[p.slot_t, :, p.pos_t] = key_states[0].transpose(0, 1)
+                self.vbuf[p.slot_t, :, p.pos_t] = value_states[0].transpose(0, 1)
+            else:
+                rows = torch.arange(p.first, p.first + p.batch, device=key_states.device)[:, None, None]
+                heads = torch.arange(key_states.shape[1], device=key_states.device)[None, :, None]
+                self.kbuf[rows, heads, p.write_pos[:, None, :]] = key_states
+                self.vbuf[rows, heads, p.write_pos[:, None, :]] = value_states
             sl = slice(p.first, p.first + p.batch)
             self.keys, self.values = self.kbuf[sl, :, : p.kv_len], self.vbuf[sl, :, : p.kv_len]
             return self.keys, self.values
@@ -81,19 +94,66 @@ def _batch_layer_class():
     return BatchLayer
 
 
-class _Pass:
-    """What the layers need to know about the pass in flight."""
+RAGGED = "aded_ragged"
 
-    def __init__(self, first: int, lens: np.ndarray, width: int, device):
+
+@functools.cache
+def _register_ragged_attention() -> str:
+    """Register the ``aded_ragged`` attention function with transformers. For a pass of a :class:`BatchKV`
+    (``aded_pass`` among the forward's keyword arguments) it runs SDPA over the slots' keys with grouped
+    query heads (``enable_gqa``: the shared key/value heads are never copied out per query head, which
+    costs more than the attention itself at a large batch); in a ragged pass it first gathers the packed
+    queries into the padded ``[B, W]`` batch and afterwards scatters the real rows back. Any other call (a
+    single-request verifier sharing the model) is transformers' SDPA attention unchanged."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, aded_pass=None, scaling=None, dropout=0.0,
+                  **kwargs):
+        p = aded_pass
+        if p is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                          dropout=dropout, **kwargs)
+        q = query[0][:, p.gather].transpose(0, 1) if p.ragged else query   # [H, T, D] -> [B, H, W, D]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True).transpose(1, 2)
+        if p.ragged:
+            return out.reshape(-1, *out.shape[2:])[p.real][None], None      # [1, T, H, D]
+        return out, None                                                 # [B, W, H, D]
+
+    AttentionInterface.register(RAGGED, attention)
+    return RAGGED
+
+
+class _Pass:
+    """What the layers need to know about the pass in flight. A ragged pass (``counts`` given: request r
+    brings ``counts[r]`` tokens, packed in order) also carries where each token's keys go and how its
+    queries map onto the padded attention batch."""
+
+    def __init__(self, first: int, lens: np.ndarray, width: int, device, counts: np.ndarray | None = None):
         self.first, self.batch, self.width = first, len(lens), width
         self.kv_len = int(lens.max()) + width
-        self.write_pos = torch.from_numpy(lens[:, None] + np.arange(width)[None]).to(device)
+        self.ragged = counts is not None
+        if not self.ragged:
+            self.write_pos = torch.from_numpy(lens[:, None] + np.arange(width)[None]).to(device)
+            return
+        B = len(counts)
+        offsets = np.r_[0, np.cumsum(counts)[:-1]]
+        j = np.arange(width)[None]
+        real = j < counts[:, None]                                  # [B, W]
+        self.gather = torch.from_numpy(offsets[:, None] + np.minimum(j, counts[:, None] - 1)).to(device)
+        self.real = torch.from_numpy(np.flatnonzero(real.ravel())).to(device)
+        slot = np.repeat(np.arange(first, first + B), counts)
+        pos = np.concatenate([lens[r] + np.arange(counts[r]) for r in range(B)])
+        self.slot_t, self.pos_t = torch.from_numpy(slot).to(device), torch.from_numpy(pos).to(device)
 
 
 class BatchKV:
     """KV caches of up to ``slots`` requests for one model, and the passes over them."""
 
-    def __init__(self, model, prefill_chunk: int = 512, widths=()):
+    def __init__(self, model, prefill_chunk: int = 512, widths=(), layout: str | None = None):
+        """``layout``: ``"ragged"`` or ``"padded"``; by default ragged, padded where fixed ``widths`` are
+        given (fixed shapes need every request padded to one of them)."""
         from transformers import DynamicCache
 
         self.model = model
@@ -101,6 +161,13 @@ class BatchKV:
         self.dtype = next(model.parameters()).dtype
         self.prefill_chunk = int(prefill_chunk)
         self.widths = tuple(sorted(int(w) for w in widths))
+        self.layout = layout or ("padded" if self.widths else "ragged")
+        if self.layout not in ("ragged", "padded"):
+            raise ValueError(f"layout must be 'ragged' or 'padded', got {layout!r}")
+        if self.layout == "ragged" and self.widths:
+            raise ValueError(f"the ragged layout has no fixed widths, got widths={self.widths}")
+        if model.config._attn_implementation != RAGGED:
+            model.set_attn_implementation(_register_ragged_attention())
         self.cache = DynamicCache(config=model.config)
         layer_cls = _batch_layer_class()
         self.cache.layers = [layer_cls(self) for _ in self.cache.layers]
@@ -132,14 +199,17 @@ class BatchKV:
     # ---- passes ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def _forward(self, first: int, lens: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
-                 allow: np.ndarray) -> torch.Tensor:
-        self.current = _Pass(first, lens, tokens.shape[1], self.device)
+                 allow: np.ndarray, counts: np.ndarray | None = None) -> torch.Tensor:
+        """Padded: ``tokens``/``positions`` ``[B, W]``, logits ``[B, W, V]``. Ragged (``counts``): packed
+        ``[1, T]``, logits ``[1, T, V]``. ``allow`` is the padded ``[B, W, K]`` attention mask either way."""
+        self.current = p = _Pass(first, lens, allow.shape[1], self.device, counts)
         mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(torch.from_numpy(~allow),
                                                                        torch.finfo(self.dtype).min)
         try:
             out = self.model(input_ids=torch.from_numpy(tokens).to(self.device),
                              position_ids=torch.from_numpy(positions).to(self.device),
-                             attention_mask=mask.to(self.device)[:, None], cache=self.cache, use_cache=True)
+                             attention_mask=mask.to(self.device)[:, None], cache=self.cache, use_cache=True,
+                             aded_pass=p)
         finally:
             self.current = None
         return out.logits
@@ -162,8 +232,9 @@ class BatchKV:
         return logits[0, -1].float() if start + w >= len(ids) else None
 
     def forward_trees(self, roots, trees: list[DraftTree], width: int | None = None) -> torch.Tensor:
-        """Logits ``[B, W, V]`` (float32, on the device) for slots ``0 .. B-1``: row 0 of request r is its
-        root, row i + 1 its node i; rows past ``len(trees[r]) + 1`` are padding."""
+        """Logits ``[T, V]`` (float32, on the device) of the real rows of slots ``0 .. B-1``, packed: request
+        r's rows start at ``sum(len(trees[q]) + 1 for q < r)``; its row 0 is its root, row i + 1 its node i.
+        ``width`` pads every request to that many tokens (padded layout only)."""
         B = len(trees)
         n = np.array([len(t) + 1 for t in trees])
         W = int(n.max()) if width is None else int(width)
@@ -172,6 +243,8 @@ class BatchKV:
         if W < n.max():
             raise ValueError(f"width {W} < the largest pass {n.max()}")
         lens = self.lens[:B]
+        if self.layout == "ragged":
+            return self._forward_ragged(roots, trees, lens, n)
         K = int(lens.max()) + W
         tokens = np.repeat(np.asarray(roots, np.int64)[:, None], W, 1)
         positions = np.repeat(lens[:, None], W, 1)
@@ -184,7 +257,23 @@ class BatchKV:
             allow[r, :k, L:L + k] = ancestor_mask(t.parents, include_root=True)
             pad = np.arange(k, W)
             allow[r, pad, L + pad] = True
-        return self._forward(0, lens, tokens, positions, allow).float()
+        logits = self._forward(0, lens, tokens, positions, allow)
+        real = torch.from_numpy(np.flatnonzero((np.arange(W)[None] < n[:, None]).ravel())).to(self.device)
+        return logits.reshape(B * W, -1)[real].float()
+
+    def _forward_ragged(self, roots, trees: list[DraftTree], lens: np.ndarray, n: np.ndarray) -> torch.Tensor:
+        B, W = len(trees), int(n.max())
+        K = int(lens.max()) + W
+        tokens = np.concatenate([np.r_[int(root), t.tokens].astype(np.int64) for root, t in zip(roots, trees)])
+        positions = np.concatenate([lens[r] + np.r_[0, t.depths()] for r, t in enumerate(trees)]).astype(np.int64)
+        allow = np.zeros((B, W, K), bool)
+        for r, t in enumerate(trees):
+            L, k = int(lens[r]), int(n[r])
+            allow[r, :, :L] = True
+            allow[r, :k, L:L + k] = ancestor_mask(t.parents, include_root=True)
+            pad = np.arange(k, W)
+            allow[r, pad, L + pad] = True          # a padding query's row stays finite; it is dropped
+        return self._forward(0, lens, tokens[None], positions[None], allow, counts=n)[0].float()
 
     @torch.inference_mode()
     def commit(self, keeps: list[list[int]]) -> None:
@@ -239,9 +328,9 @@ class SerialKV:
         return self.verifiers[slot].prefill(ids)
 
     def forward_trees(self, roots, trees: list[DraftTree], width: int | None = None) -> torch.Tensor:
-        W = max(len(t) + 1 for t in trees) if width is None else width
-        out = [self.verifiers[r].forward_tree(int(root), t) for r, (root, t) in enumerate(zip(roots, trees))]
-        return torch.stack([torch.nn.functional.pad(x, (0, 0, 0, W - x.shape[0])) for x in out])
+        """Packed logits ``[T, V]``, as :meth:`BatchKV.forward_trees` (``width`` is ignored: nothing pads)."""
+        return torch.cat([self.verifiers[r].forward_tree(int(root), t)
+                          for r, (root, t) in enumerate(zip(roots, trees))])
 
     def commit(self, keeps: list[list[int]]) -> None:
         for v, keep in zip(self.verifiers, keeps):

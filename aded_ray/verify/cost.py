@@ -93,7 +93,7 @@ class PassCost:
         return next((w for w in self.widths if w >= width), width)
 
     def __call__(self, batch: int, width: int) -> float:
-        batch, width = max(int(batch), 1), self.padded(max(int(width), 1))
+        batch, width = max(int(batch), 1), self.padded(max(float(width), 1.0))
         bs = self.batches
         if batch >= bs[-1]:
             return self.curves[bs[-1]](width) * batch / bs[-1]
@@ -109,7 +109,7 @@ class PassCost:
         nearest measured batch size's nearest width point (shape) half as fast."""
         if not (np.isfinite(ms) and ms > 0):
             return
-        width = self.padded(max(int(width), 1))
+        width = self.padded(max(float(width), 1.0))
         ratio = ms / max(self(batch, width), 1e-9)
         for c in self.curves.values():
             c.scale(ratio ** rate)
