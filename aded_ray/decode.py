@@ -4,7 +4,7 @@
     root   = pick(logits); emit root                # argmax, or a sample of the target distribution
     loop (step_batch: every running request at once, one forward pass):
         drafter.observe(committed)                  # 1. adaptive update (verified tokens only)
-        k    = budget.choose(batch size)            # 2. draft budget from the cost model (0 = plain step)
+        k    = budget.allot(requests)               # 2. draft budget per request from the cost model (0 = plain)
         tree = drafter.draft(committed, k)          # 3. draft tree below root, per request  [CPU, µs]
         logits = kv.forward_trees(roots, trees)     # 4. one forward over every root + tree   [model, ms]
         choices = reduce(logits)                    # 5. on the device: the target's token per row
@@ -95,6 +95,10 @@ class FixedBudget:
 
     def choose(self, batch: int = 1, reqs=None) -> int:
         return self.k
+
+    def allot(self, reqs: list, caps: list[int]) -> list[int]:
+        b = self.choose(len(caps), reqs)
+        return [min(b, int(c)) for c in caps]
 
     def observe(self, budget: int, n_nodes: int, path: list[int], req=None) -> None:
         pass
@@ -206,8 +210,12 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
     for st in states:
         if st.accept is None and make is not None and st.max_nodes > 0:
             st.accept = make()
-    b = budget.choose(len(states), [st.accept for st in states])
-    ks = [min(b, st.max_nodes) for st in states]
+    reqs = [st.accept for st in states]
+    if getattr(kv, "layout", "ragged") == "ragged" and hasattr(budget, "allot"):
+        ks = budget.allot(reqs, [st.max_nodes for st in states])     # per request: a pass pads nothing
+    else:
+        b = budget.choose(len(states), reqs)                          # one budget: every request padded to it
+        ks = [min(b, st.max_nodes) for st in states]
     drafting = any(ks)
     trees = []
     for st, k in zip(states, ks):

@@ -131,7 +131,8 @@ class Engine:
             top = max(grid)
             probe_grid = {1: [w for w in grid[1] if w in (1, 8)] or grid[1][:1], top: grid[top][:1]}
             measure = lambda g, reps=3: measure_pass_cost(make_kv, g, reps=reps, widths=self.widths)  # noqa: E731
-            key = f"{self.model_path}|{mode_key}|batched|{sorted(grid.items())}"
+            layout = getattr(make_kv(), "layout", "padded")
+            key = f"{self.model_path}|{mode_key}|batched-{layout}|{sorted(grid.items())}"
             return cached_pass_cost(lambda: measure(grid), lambda: measure(probe_grid, 5), key, cache_dir() / "cost")
         key = f"{self.model_path}|{mode_key}|serial"
         return cached_pass_cost(lambda: PassCost(measure_cost_curve(self.make_verifier), self.widths),

@@ -51,11 +51,16 @@ class Budget(Protocol):
     def choose(self, batch: int = 1, reqs=None) -> int:
         """Draft nodes per request for the next step of ``batch`` running requests (0 = a plain step);
         ``reqs``: each request's acceptance record (from ``request_state()``, if the budget keeps them;
-        None for a request that does not speculate)."""
+        None for a request that does not speculate). For a padded pass: every request pads to it."""
+
+    def allot(self, reqs: list, caps: list[int]) -> list[int]:
+        """Draft nodes for each request of the next step (``caps[r]``: request r's own limit, 0 when it does
+        not speculate), for a pass that pads nothing: each request's tree costs only its own tokens."""
 
     def observe(self, budget: int, n_nodes: int, path: list[int], req=None) -> None:
         """A verified step drafted with ``budget``: ``n_nodes`` drafted, ranks of the accepted nodes (and
         the request's acceptance record)."""
 
     def observe_cost(self, batch: int, width: int, ms: float) -> None:
-        """A pass of ``batch`` requests x ``width`` tokens each took ``ms`` (synchronised)."""
+        """A pass of ``batch`` requests x ``width`` tokens each (on average, in a ragged pass) took ``ms``
+        (synchronised)."""

@@ -173,3 +173,50 @@ def test_the_check_measures_plain_first_and_shares_it_within_a_power_of_two_of_b
     assert b.choose(12) > 0                           # then drafting is tried (same bucket as 9)
     b.observe_step(12, True, 12, 60.0)                # and did not pay
     assert b.choose(15) == 0 and b.choose(16) == 0    # 16: a new bucket, plain first again
+
+
+def _record(b: AdaptiveBudget, accepted: dict, n: int = 50):
+    """A request's acceptance record: ``accepted[g]`` nodes accepted on average at grid budget g."""
+    r = b.request_state()
+    for i, g in enumerate(b.grid):
+        if g:
+            r.sum[i], r.n[i] = n * accepted.get(g, max(v for k, v in accepted.items() if k <= g)), n
+    return r
+
+
+def test_allot_gives_nodes_to_the_requests_that_accept_them_in_a_ragged_pass():
+    # 4 requests: a pass of 4 tokens 20 ms, 8 tokens 26 ms, 16: 38 ms, 32: 62 ms (tokens per request 1, 2, 4, 8)
+    cost = PassCost({1: {1: 10, 2: 11, 4: 12, 8: 14, 16: 18, 64: 60}, 4: {1: 20, 2: 26, 4: 38, 8: 62}})
+    b = AdaptiveBudget(cost, prior=0.05, draft_ms=0.3, explore_every=0)
+    code = _record(b, {1: 0.9, 3: 2.5, 5: 3.4, 7: 3.8, 11: 4.0})
+    chat = _record(b, {1: 0.05})
+    ks = b.allot([code, chat, code, chat], [63, 63, 63, 63])
+    assert ks[1] == ks[3] == 0 and ks[0] > 0 and ks[2] > 0, ks
+    # the expected rate of that allotment beats plain decoding: tokens / ms of the whole pass
+    total = 4 + sum(ks)
+    tokens = 4 + 2 * b.accepted(ks[0], code)
+    assert tokens / (cost(4, total / 4) + 2 * b.draft_ms) > 4 / cost(4, 1)
+    # a request's own cap holds, and one that does not speculate (cap 0) gets nothing
+    assert b.allot([code, code, chat, chat], [3, 0, 63, 63])[:2] == [3, 0]
+
+
+def test_allot_drafts_nothing_where_no_tree_pays():
+    cost = PassCost({1: {1: 10, 64: 640}, 4: {1: 40, 8: 320}})     # every token costs the same: nothing pays
+    b = AdaptiveBudget(cost, prior=0.05, explore_every=0)
+    good = _record(b, {1: 0.8, 3: 1.6, 7: 2.0})
+    assert b.allot([good] * 4, [63] * 4) == [0, 0, 0, 0]
+    # the realized-rate check vetoes drafting at a batch size where drafting steps delivered less
+    cheap = AdaptiveBudget(PassCost({1: {1: 10, 64: 12}, 4: {1: 20, 8: 22}}), prior=0.05, explore_every=0,
+                           check_every=1000)
+    assert max(cheap.allot([good] * 4, [63] * 4)) > 0
+    cheap.observe_step(4, False, 4, 20.0)
+    cheap.observe_step(4, True, 4, 40.0)            # drafting steps: 0.1 tokens / ms against plain 0.2
+    assert cheap.allot([good] * 4, [63] * 4) == [0, 0, 0, 0]
+
+
+def test_allot_curves_match_accepted_per_request():
+    b = AdaptiveBudget(PassCost({1: {1: 10, 64: 20}}), prior=0.3, explore_every=0)
+    code, chat = _record(b, {1: 0.9, 3: 2.5}), _record(b, {1: 0.0}, n=2)
+    rows = b._curves([code, chat, None])
+    for row, r in zip(rows, [code, chat, None]):
+        assert row == pytest.approx([b.accepted(g, r) for g in b.grid])

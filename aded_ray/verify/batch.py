@@ -299,6 +299,8 @@ class SerialKV:
     """The :class:`BatchKV` interface over one single-request verifier per slot (e.g. a tensor-parallel
     group's): a "batched" pass runs the requests one after the other. Correct everywhere, batched nowhere."""
 
+    layout = "ragged"         # nothing pads: each request's pass carries its own tokens only
+
     def __init__(self, make_verifier):
         self.make_verifier = make_verifier
         self.verifiers = []

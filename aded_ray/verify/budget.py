@@ -14,6 +14,8 @@ b=7 (8 tokens with the root) 1.9/40.3 = 0.047, b=11 2.0/46.9 = 0.043, b=63 2.0/1
 """
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 from aded_ray.verify.cost import CostCurve, PassCost
@@ -121,18 +123,95 @@ class AdaptiveBudget:
                 up = self.grid[i + 1]
                 if self.expected_rate(up, batch, accepted=up) >= self.expected_rate(b, batch, reqs=reqs):
                     b = up
-        r = self.realized.get(batch.bit_length()) or {"plain": (0.0, 0), "draft": (0.0, 0)}
-        if b > 0 and self.check_every and self.realized:      # (only for a caller that reports its steps)
-            (plain, n_plain), (draft, n_draft) = r["plain"], r["draft"]
-            probe = (self.steps + self.check_every // 2) % self.check_every == 0   # off the exploration steps
-            if n_plain == 0:
-                b = 0                                 # measure the plain side first (it costs nothing)
-            elif n_draft and draft < (1 + self.margin) * plain:
-                b = b if probe else 0                 # drafting did not pay at this batch size: plain
-            elif n_draft and probe:
-                b = 0                                 # drafting pays: keep the plain side current
+        if b > 0 and not self._gate(batch):
+            b = 0
         self.last = b
         return b
+
+    def _curves(self, reqs: list) -> list[list[float]]:
+        """:meth:`accepted` at every grid budget for every request at once (rows of plain floats)."""
+        shared = np.array([self.acc[g] for g in self.grid])
+        own = np.array([[r.sum, r.n] if self._own(r) is not None else [np.zeros_like(shared)] * 2 for r in reqs])
+        sums, ns = own[:, 0], own[:, 1]
+        has = np.array([self._own(r) is not None for r in reqs])[:, None]
+        a = np.where(has, (sums + self.shrink * shared) / (ns + self.shrink), shared)
+        return np.maximum.accumulate(np.maximum(a, 0.0), axis=1).tolist()
+
+    def _gate(self, batch: int) -> bool:
+        """The realized-rate check for a step that would draft: may it (see :meth:`choose`)?"""
+        if not (self.check_every and self.realized):         # (only for a caller that reports its steps)
+            return True
+        r = self.realized.get(batch.bit_length()) or {"plain": (0.0, 0), "draft": (0.0, 0)}
+        (plain, n_plain), (draft, n_draft) = r["plain"], r["draft"]
+        probe = (self.steps + self.check_every // 2) % self.check_every == 0   # off the exploration steps
+        if n_plain == 0:
+            return False                              # measure the plain side first (it costs nothing)
+        if n_draft and draft < (1 + self.margin) * plain:
+            return probe                              # drafting did not pay at this batch size: plain
+        return not (n_draft and probe)                # drafting pays: keep the plain side current
+
+    def allot(self, reqs: list, caps: list[int]) -> list[int]:
+        """Draft nodes for each request of the next step, for a pass that pads nothing (ragged: it costs
+        what its total tokens cost): request r (acceptance record ``reqs[r]``, at most ``caps[r]`` nodes)
+        gets nodes while the whole step's expected tokens per ms grow, the most promising requests first.
+
+        Greedy over grid steps: each request's next step is the one with the most expected accepted tokens
+        per added node; the best of all requests' next steps is taken when it raises the step's rate (the
+        pass cost at the new total, and the host time of one more drafting request), else that request
+        stops. A code request can thus draft a long chain while the chat requests beside it decode plainly.
+        Exploration and the realized-rate check work as in :meth:`choose` (on the batch: any draft or none).
+        """
+        self.steps += 1
+        B = len(reqs)
+        grid = self.grid
+        caps = [max(0, int(c)) for c in caps]
+        ks = [0] * B
+        if B == 0 or len(grid) < 2:
+            return ks
+        acc = self._curves(reqs)
+        at = [0] * B                        # grid index per request
+        total, tokens, drafting = float(B), float(B), 0
+
+        def step_cost(t: float, d: int) -> float:
+            return self.cost(B, t / B) + d * self.draft_ms
+
+        rate = tokens / step_cost(total, 0)
+        plain_rate = rate
+        heap: list = []
+
+        def push(r: int) -> None:
+            i, best = at[r], None
+            for j in range(i + 1, len(grid)):
+                if grid[j] > caps[r]:
+                    break
+                eff = (acc[r][j] - acc[r][i]) / (grid[j] - grid[i])
+                if best is None or eff > best[0]:
+                    best = (eff, j)
+            if best is not None and best[0] > 0:
+                heapq.heappush(heap, (-best[0], r, best[1]))
+
+        for r in range(B):
+            if caps[r] > 0:
+                push(r)
+        while heap:
+            _, r, j = heapq.heappop(heap)
+            i = at[r]
+            t2, d2 = total + grid[j] - grid[i], drafting + (i == 0)
+            tok2 = tokens + acc[r][j] - acc[r][i]
+            rate2 = tok2 / step_cost(t2, d2)
+            if rate2 <= rate:
+                continue                    # this request's next nodes do not pay: it stays where it is
+            at[r], total, drafting, tokens, rate = j, t2, d2, tok2, rate2
+            push(r)
+        if rate < (1 + self.margin) * plain_rate:
+            at = [0] * B                    # the estimates are noisy; a draft must clearly pay
+        if self.explore_every and self.steps % self.explore_every == 0:
+            at = [i + 1 if i and i + 1 < len(grid) and grid[i + 1] <= caps[r] else i for r, i in enumerate(at)]
+        ks = [grid[i] for i in at]
+        if any(ks) and not self._gate(B):
+            ks = [0] * B
+        self.last = max(ks)
+        return ks
 
     def observe_step(self, batch: int, drafted: bool, tokens: int, ms: float) -> None:
         """A whole step (drafting, the pass, acceptance, recycling) of ``batch`` requests committed
