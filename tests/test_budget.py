@@ -175,6 +175,21 @@ def test_the_check_measures_plain_first_and_shares_it_within_a_power_of_two_of_b
     assert b.choose(15) == 0 and b.choose(16) == 0    # 16: a new bucket, plain first again
 
 
+def test_the_check_weighs_steps_by_their_time_not_by_count():
+    # drafting steps: nine quick ones (2 tokens in 10 ms) and one that stalls (2 tokens in 500 ms): 20 tokens
+    # in 590 ms, 0.034 tokens / ms, against plain steps' 0.1; the mean of per-step rates (0.18) would say
+    # the opposite
+    b = AdaptiveBudget(PassCost({1: {1: 30, 2: 31, 8: 34}}), explore_every=0, check_every=1000)
+    b.acc.update({g: 2.0 for g in b.grid if g})
+    b.seen.update({g: 100 for g in b.grid})
+    for _ in range(10):
+        b.observe_step(1, False, 10, 100.0)
+    for ms in [10.0] * 9 + [500.0]:
+        b.observe_step(1, True, 2, ms)
+    assert b.realized_rate(1, "draft") < 0.05 < b.realized_rate(1, "plain") == pytest.approx(0.1)
+    assert b.choose(1) == 0
+
+
 def _record(b: AdaptiveBudget, accepted: dict, n: int = 50):
     """A request's acceptance record: ``accepted[g]`` nodes accepted on average at grid budget g."""
     r = b.request_state()

@@ -44,7 +44,7 @@ class AdaptiveBudget:
 
     def __init__(self, cost: PassCost | CostCurve, *, max_nodes: int = 63, draft_ms: float = 0.3, decay: float = 0.02,
                  explore_every: int = 16, prior: float | None = None, margin: float = 0.05, shrink: float = 4.0,
-                 check_every: int = 16, realized_decay: float = 0.1):
+                 check_every: int = 16, realized_decay: float = 0.05):
         self.cost = cost if isinstance(cost, PassCost) else PassCost(cost)
         self.grid = [b for b in GRID if b <= max_nodes] or [0]
         self.draft_ms = draft_ms
@@ -141,14 +141,20 @@ class AdaptiveBudget:
         """The realized-rate check for a step that would draft: may it (see :meth:`choose`)?"""
         if not (self.check_every and self.realized):         # (only for a caller that reports its steps)
             return True
-        r = self.realized.get(batch.bit_length()) or {"plain": (0.0, 0), "draft": (0.0, 0)}
-        (plain, n_plain), (draft, n_draft) = r["plain"], r["draft"]
+        plain, draft = (self.realized_rate(batch, arm) for arm in ("plain", "draft"))
         probe = (self.steps + self.check_every // 2) % self.check_every == 0   # off the exploration steps
-        if n_plain == 0:
+        if plain is None:
             return False                              # measure the plain side first (it costs nothing)
-        if n_draft and draft < (1 + self.margin) * plain:
+        if draft is not None and draft < (1 + self.margin) * plain:
             return probe                              # drafting did not pay at this batch size: plain
-        return not (n_draft and probe)                # drafting pays: keep the plain side current
+        return not (draft is not None and probe)      # drafting pays: keep the plain side current
+
+    def realized_rate(self, batch: int, arm: str) -> float | None:
+        """Committed tokens per ms of the recent ``arm`` ("plain" or "draft") steps at this batch size: the
+        ratio of their (exponentially decayed) sums, so a long step weighs what it cost (a mean of per-step
+        rates would let many quick steps outvote a few slow ones)."""
+        a = self.realized.get(batch.bit_length(), {}).get(arm)
+        return a[0] / a[1] if a and a[2] else None
 
     def allot(self, reqs: list, caps: list[int]) -> list[int]:
         """Draft nodes for each request of the next step, for a pass that pads nothing (ragged: it costs
@@ -215,14 +221,15 @@ class AdaptiveBudget:
 
     def observe_step(self, batch: int, drafted: bool, tokens: int, ms: float) -> None:
         """A whole step (drafting, the pass, acceptance, recycling) of ``batch`` requests committed
-        ``tokens`` in ``ms``: the realized rate of plain or drafting steps at this batch size."""
+        ``tokens`` in ``ms``: decayed sums of tokens and ms per arm (plain or drafting) and batch size."""
         if not (np.isfinite(ms) and ms > 0):
             return
-        arm = self.realized.setdefault(batch.bit_length(), {"plain": [0.0, 0], "draft": [0.0, 0]})[
+        arm = self.realized.setdefault(batch.bit_length(), {"plain": [0.0, 0.0, 0], "draft": [0.0, 0.0, 0]})[
             "draft" if drafted else "plain"]
-        rate = tokens / ms
-        arm[0] = rate if arm[1] == 0 else arm[0] + self.realized_decay * (rate - arm[0])
-        arm[1] += 1
+        keep = 1.0 - self.realized_decay
+        arm[0] = keep * arm[0] + tokens
+        arm[1] = keep * arm[1] + ms
+        arm[2] += 1
 
     def observe_draft(self, ms_per_request: float, rate: float = 0.05) -> None:
         """Host time a drafting step adds per request (observe, draft, recycle), measured (it grows with
