@@ -154,7 +154,7 @@ class AdaptiveBudget:
         ratio of their (exponentially decayed) sums, so a long step weighs what it cost (a mean of per-step
         rates would let many quick steps outvote a few slow ones)."""
         a = self.realized.get(batch.bit_length(), {}).get(arm)
-        return a[0] / a[1] if a and a[2] else None
+        return a[0] / a[1] if a and a[1] > 0 else None
 
     def allot(self, reqs: list, caps: list[int]) -> list[int]:
         """Draft nodes for each request of the next step, for a pass that pads nothing (ragged: it costs
@@ -224,12 +224,11 @@ class AdaptiveBudget:
         ``tokens`` in ``ms``: decayed sums of tokens and ms per arm (plain or drafting) and batch size."""
         if not (np.isfinite(ms) and ms > 0):
             return
-        arm = self.realized.setdefault(batch.bit_length(), {"plain": [0.0, 0.0, 0], "draft": [0.0, 0.0, 0]})[
+        arm = self.realized.setdefault(batch.bit_length(), {"plain": [0.0, 0.0], "draft": [0.0, 0.0]})[
             "draft" if drafted else "plain"]
         keep = 1.0 - self.realized_decay
         arm[0] = keep * arm[0] + tokens
         arm[1] = keep * arm[1] + ms
-        arm[2] += 1
 
     def observe_draft(self, ms_per_request: float, rate: float = 0.05) -> None:
         """Host time a drafting step adds per request (observe, draft, recycle), measured (it grows with
