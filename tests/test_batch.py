@@ -14,8 +14,11 @@ from aded_ray.verify.target import TreeVerifier
 pytestmark = pytest.mark.model
 
 
-@pytest.mark.parametrize("layout", ["ragged", "padded"])
-def test_batched_rows_equal_rows_verified_alone(model, layout):
+@pytest.mark.parametrize("layout,split_keys", [("ragged", 96), ("ragged", 0), ("padded", 96)])
+def test_batched_rows_equal_rows_verified_alone(model, layout, split_keys, monkeypatch):
+    import aded_ray.verify.batch as vb
+
+    monkeypatch.setattr(vb, "SPLIT_KEYS", split_keys)      # 0: every request attends in its own group
     prompts = [list(range(100, 105)), list(range(300, 303)), list(range(500, 530))]
     trees = [DraftTree([11, 12, 13], [-1, 0, 0]), DraftTree(), DraftTree([21, 22], [-1, 0])]
     roots = [7, 8, 9]

@@ -9,10 +9,11 @@ A decode pass carries, for request r, its root and its tree (``n[r]`` tokens), w
 
 - **ragged** (the default): the model's linear layers see only real tokens, all requests' packed in one
   sequence of ``T = sum(n)`` rows, so a request that drafts nothing costs one row, whatever the others draft.
-  Attention alone is padded: each layer gathers the queries into ``[B, W = max(n)]``, attends with a 4-D
-  additive mask per request over the first ``max(lens) + W`` entries of each slot (its committed prefix, its
-  tree's ancestors: ``tree.ancestor_mask``; padding rows see only their own column), and scatters the real
-  rows back. Attention in every pass of a ``BatchKV`` is SDPA with grouped query heads (the ``aded_ragged``
+  Attention alone is padded, per run of requests of similar length (:func:`length_groups`: a short request
+  beside long ones does not read their length of keys): each layer gathers a run's queries into
+  ``[b, w = max(n)]``, attends with a 4-D additive mask per request over the first ``max(lens) + w`` entries
+  of each slot of the run (its committed prefix, its tree's ancestors: ``tree.ancestor_mask``; padding rows
+  see only their own column), and keeps the real rows. Attention in every pass of a ``BatchKV`` is SDPA with grouped query heads (the ``aded_ragged``
   attention function, registered with transformers).
 - **padded** (with fixed ``widths``, e.g. for shape-stable GPU kernels): every request contributes ``W``
   tokens (its root, its tree, then padding) and the whole model runs on ``[B, W]``.
@@ -114,15 +115,65 @@ def _register_ragged_attention() -> str:
         if p is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
-        q = query[0][:, p.gather].transpose(0, 1) if p.ragged else query   # [H, T, D] -> [B, H, W, D]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True).transpose(1, 2)
-        if p.ragged:
-            return out.reshape(-1, *out.shape[2:])[p.real][None], None      # [1, T, H, D]
-        return out, None                                                 # [B, W, H, D]
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if not p.ragged:
+            out = sdpa(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+            return out.transpose(1, 2), None                             # [B, W, H, D]
+        q = query[0].transpose(0, 1)                                     # [T, H, D]
+        outs = []
+        for g in p.groups:           # requests of similar length: each group reads only its own keys
+            lo, hi, w, k = g.lo, g.hi, g.width, g.keys
+            out = sdpa(q[g.gather].transpose(1, 2), key[lo:hi, :, :k], value[lo:hi, :, :k],
+                       attn_mask=attention_mask[lo:hi, :, :w, :k], scale=scaling, enable_gqa=True)
+            b, h, _, d = out.shape
+            outs.append(out.transpose(1, 2).reshape(-1, h, d)[g.real])         # its real rows, packed
+        return (outs[0] if len(outs) == 1 else torch.cat(outs))[None], None   # [1, T, H, D]
 
     AttentionInterface.register(RAGGED, attention)
     return RAGGED
+
+
+SPLIT_KEYS = 96    # padded key entries (request x key) that one more attention call costs, about, on CPUs
+
+
+def length_groups(lens: np.ndarray, counts: np.ndarray, split_keys: int = SPLIT_KEYS) -> list[tuple[int, int]]:
+    """Split slots ``0 .. B-1`` (in order) into runs ``[lo, hi)`` whose attention is computed separately, each
+    over its own ``max(lens + counts)`` keys: the split minimising the key entries read (each run pads its
+    requests to its longest) plus ``split_keys`` per run (the cost of one more call). One run when lengths
+    are alike; a short request beside long ones gets its own. Exact dynamic programme, O(B^2).
+
+    >>> length_groups(np.array([300, 290, 40, 35]), np.array([2, 2, 2, 2]))
+    [(0, 2), (2, 4)]
+    """
+    ends = (np.asarray(lens) + np.asarray(counts)).tolist()
+    B = len(ends)
+    best, cut = [0.0] + [float("inf")] * B, [0] * (B + 1)
+    for i in range(1, B + 1):
+        m = 0
+        for j in range(i - 1, -1, -1):           # run [j, i)
+            m = max(m, ends[j])
+            c = best[j] + split_keys + (i - j) * m
+            if c < best[i]:
+                best[i], cut[i] = c, j
+    runs, i = [], B
+    while i > 0:
+        runs.append((cut[i], i))
+        i = cut[i]
+    return runs[::-1]
+
+
+class _Group:
+    """One run of requests ``[lo, hi)`` of a ragged pass, attended together: its queries gathered from the
+    packed rows into ``[hi - lo, width]`` (``width`` = its largest pass), ``keys`` = its longest prefix +
+    width, and which of its padded rows are real (in packed order)."""
+
+    def __init__(self, lo: int, hi: int, lens: np.ndarray, counts: np.ndarray, offsets: np.ndarray, device):
+        n = counts[lo:hi]
+        self.lo, self.hi, self.width = lo, hi, int(n.max())
+        self.keys = int(lens[lo:hi].max()) + self.width
+        j = np.arange(self.width)[None]
+        self.gather = torch.from_numpy(offsets[lo:hi, None] + np.minimum(j, n[:, None] - 1)).to(device)
+        self.real = torch.from_numpy(np.flatnonzero((j < n[:, None]).ravel())).to(device)
 
 
 class _Pass:
@@ -139,10 +190,7 @@ class _Pass:
             return
         B = len(counts)
         offsets = np.r_[0, np.cumsum(counts)[:-1]]
-        j = np.arange(width)[None]
-        real = j < counts[:, None]                                  # [B, W]
-        self.gather = torch.from_numpy(offsets[:, None] + np.minimum(j, counts[:, None] - 1)).to(device)
-        self.real = torch.from_numpy(np.flatnonzero(real.ravel())).to(device)
+        self.groups = [_Group(lo, hi, lens, counts, offsets, device) for lo, hi in length_groups(lens, counts, SPLIT_KEYS)]
         slot = np.repeat(np.arange(first, first + B), counts)
         pos = np.concatenate([lens[r] + np.arange(counts[r]) for r in range(B)])
         self.slot_t, self.pos_t = torch.from_numpy(slot).to(device), torch.from_numpy(pos).to(device)
@@ -199,9 +247,10 @@ class BatchKV:
     # ---- passes ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def _forward(self, first: int, lens: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
-                 allow: np.ndarray, counts: np.ndarray | None = None) -> torch.Tensor:
+                 allow: np.ndarray, counts: np.ndarray | None = None, last_only: bool = False) -> torch.Tensor:
         """Padded: ``tokens``/``positions`` ``[B, W]``, logits ``[B, W, V]``. Ragged (``counts``): packed
-        ``[1, T]``, logits ``[1, T, V]``. ``allow`` is the padded ``[B, W, K]`` attention mask either way."""
+        ``[1, T]``, logits ``[1, T, V]``. ``allow`` is the padded ``[B, W, K]`` attention mask either way.
+        ``last_only``: the LM head runs on the last position alone (logits ``[B, 1, V]``; a prefill)."""
         self.current = p = _Pass(first, lens, allow.shape[1], self.device, counts)
         mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(torch.from_numpy(~allow),
                                                                        torch.finfo(self.dtype).min)
@@ -209,7 +258,7 @@ class BatchKV:
             out = self.model(input_ids=torch.from_numpy(tokens).to(self.device),
                              position_ids=torch.from_numpy(positions).to(self.device),
                              attention_mask=mask.to(self.device)[:, None], cache=self.cache, use_cache=True,
-                             aded_pass=p)
+                             aded_pass=p, logits_to_keep=1 if last_only else 0)
         finally:
             self.current = None
         return out.logits
@@ -227,7 +276,8 @@ class BatchKV:
         allow = np.zeros((1, w, L + w), bool)
         allow[0, :, :L] = True
         allow[0, :, L:] = np.tril(np.ones((w, w), bool))
-        logits = self._forward(slot, self.lens[slot:slot + 1], chunk[None], (L + np.arange(w))[None], allow)
+        logits = self._forward(slot, self.lens[slot:slot + 1], chunk[None], (L + np.arange(w))[None], allow,
+                               last_only=True)
         self.lens[slot] += w
         return logits[0, -1].float() if start + w >= len(ids) else None
 
