@@ -100,7 +100,10 @@ class Counters:
 
 class Scheduler:
     def __init__(self, kv, drafter, budget, eos_ids, *, max_batch: int = 32, max_waiting: int = 256,
-                 default_max_nodes: int = 64, on_step=None, name: str = "aded-scheduler"):
+                 default_max_nodes: int = 64, on_step=None, name: str = "aded-scheduler", start: bool = True):
+        """``start``: run the loop on a new thread named ``name``; without it the owner calls :meth:`run` on
+        the thread that should run it (the engine: the thread that built the model, see
+        :class:`aded_ray.engine.Engine`)."""
         self.kv = kv
         self.drafter = drafter            # the process drafter (sessions per request), or None: no speculation
         self.budget = budget
@@ -114,8 +117,15 @@ class Scheduler:
         self._running: list[_Slot] = []
         self._prefilling: _Slot | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._thread = threading.current_thread()       # (start=False: this thread calls run())
+        if start:
+            self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+            self._thread.start()
+
+    def run(self) -> None:
+        """Run the scheduling loop on the calling thread until :meth:`close`."""
+        self._thread = threading.current_thread()
+        self._loop()
 
     # ---- the consumers' side ------------------------------------------------------------------------
     def submit(self, req: GenRequest, stats) -> Handle:
@@ -141,7 +151,8 @@ class Scheduler:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout=30)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
     def _wake(self) -> None:
         with self._cond:

@@ -41,6 +41,22 @@ def test_packed_mode_is_exact_and_speculation_is_lossless(engine):
     assert snap["cost_ms"][1][1] > 0 and 0 <= snap["best"] <= 63          # ms of a 1-request, 1-token pass
 
 
+def test_one_thread_builds_the_model_and_runs_every_pass(engine):
+    # a second thread running tensor work gives the process a second OpenMP pool: on CPUs every pass slows down
+    import threading
+
+    kv, seen = engine.scheduler.kv, set()
+    passes, prefill = kv.forward_trees, kv.prefill
+    kv.forward_trees = lambda *a, **k: seen.add(threading.current_thread()) or passes(*a, **k)
+    kv.prefill = lambda *a, **k: seen.add(threading.current_thread()) or prefill(*a, **k)
+    try:
+        list(engine.generate("Say hello.", chat=True, max_new_tokens=6))
+    finally:
+        del kv.forward_trees, kv.prefill
+    assert seen == {engine.compute_thread} and engine.compute_thread is not threading.current_thread()
+    assert engine.compute_thread.name == "aded-scheduler"
+
+
 def test_max_new_tokens_and_stop_strings(engine):
     prompt = "Write a long essay about the history of the ocean."
     chunks = list(engine.generate(prompt, chat=True, max_new_tokens=30))

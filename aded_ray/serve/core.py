@@ -37,17 +37,17 @@ class Replica:
 
         self.args, self.app_name, self.replica_id = args, app_name, replica_id
         route_package_logs()
-        # The engine is built (and, for an engine without its own scheduler thread, first used) on this thread.
+        # The engine builds its model on its scheduler's thread, which runs every pass (one OpenMP pool per
+        # process: see aded_ray.engine.Engine); its intra-op threads follow the replica's CPUs.
         self.engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aded-engine")
         threads = args.threads or (max(1, int(args.num_cpus)) if args.num_cpus >= 1 else None)
+        cfg = args.engine_config()
+        if threads and not cfg.verify.threads:
+            cfg = cfg.model_copy(update={"verify": cfg.verify.model_copy(update={"threads": threads})})
 
         def make_engine():
-            if threads:
-                import torch
-
-                torch.set_num_threads(threads)
             # with tp_size > 1 the rank actors go into bundles 1..tp of this replica's placement group
-            return Engine(args.engine_config(), tp_bundle_offset=1 if args.tp_size > 1 else None)
+            return Engine(cfg, tp_bundle_offset=1 if args.tp_size > 1 else None)
 
         self.engine = self.engine_thread.submit(make_engine).result()
         self.store = self._make_store()
