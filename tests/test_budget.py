@@ -150,6 +150,26 @@ def test_drafting_that_does_not_pay_in_whole_steps_is_switched_off_whatever_the_
     assert b.best(8) > 0                                              # the model alone would draft
 
 
+def test_probes_where_drafting_does_not_pay_back_off_and_start_over_when_it_pays():
+    b = AdaptiveBudget(PassCost({1: {1: 30, 2: 31, 8: 34}, 8: {1: 40, 2: 45, 8: 60}}), explore_every=0,
+                       check_every=8, max_probe_every=32)
+    b.acc.update({g: 2.0 for g in b.grid if g})
+    b.seen.update({g: 100 for g in b.grid})
+    pays = False
+    drafted = []
+    for i in range(600):
+        if i == 400:
+            pays = True                  # the workload changes: drafting steps now commit 16 tokens in 50 ms
+        k = b.choose(8)
+        drafted.append(k > 0)
+        b.observe_step(8, k > 0, (16 if pays else 9) if k else 8, (50.0 if pays else 60.0) if k else 40.0)
+    probes = [i for i in range(400) if drafted[i]]
+    gaps = [b - a for a, b in zip(probes[2:], probes[3:])]
+    assert gaps and all(g == 32 for g in gaps[2:])            # 8, 16, then every 32 steps (not every 8)
+    assert sum(drafted[200:400]) <= 200 // 32 + 1
+    assert sum(drafted[450:600]) >= 120                       # drafting pays again: it is back, mostly
+
+
 def test_drafting_that_pays_keeps_drafting_with_rare_plain_probes():
     b = AdaptiveBudget(PassCost({1: {1: 30, 2: 31, 8: 34}}), explore_every=0, check_every=8)
     b.acc.update({g: 1.0 for g in b.grid if g})

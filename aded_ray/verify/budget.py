@@ -44,7 +44,7 @@ class AdaptiveBudget:
 
     def __init__(self, cost: PassCost | CostCurve, *, max_nodes: int = 63, draft_ms: float = 0.3, decay: float = 0.02,
                  explore_every: int = 16, prior: float | None = None, margin: float = 0.05, shrink: float = 4.0,
-                 check_every: int = 16, realized_decay: float = 0.05):
+                 check_every: int = 16, realized_decay: float = 0.05, max_probe_every: int = 64):
         self.cost = cost if isinstance(cost, PassCost) else PassCost(cost)
         self.grid = [b for b in GRID if b <= max_nodes] or [0]
         self.draft_ms = draft_ms
@@ -61,6 +61,9 @@ class AdaptiveBudget:
         # bucket (the bit length of the size: continuous batching moves the size by one all the time)
         self.check_every, self.realized_decay = check_every, realized_decay
         self.realized: dict[int, dict[str, list]] = {}
+        # where drafting does not pay: per bucket, the step of the next probe and the interval it doubles
+        self.max_probe_every = max(max_probe_every, check_every)
+        self._probes: dict[int, tuple[int, int]] = {}
         self.last = self.best()
 
     def request_state(self) -> RequestAcceptance:
@@ -110,9 +113,10 @@ class AdaptiveBudget:
 
         The model's choice is checked against what whole steps really delivered at this batch size (sizes
         in powers of two: 1, 2-3, 4-7, ...; :meth:`observe_step`), the plain side measured first: when drafting steps committed fewer tokens per ms than plain steps, the step
-        is plain, whatever the estimates say (every ``check_every``-th step still drafts, so the check can
-        change its mind); while drafting wins, every ``check_every``-th step is plain, to keep the plain
-        side of the comparison current."""
+        is plain, whatever the estimates say (probes still draft now and then, so the check can change its
+        mind: after ``check_every`` steps, then at doubling intervals up to ``max_probe_every``); while
+        drafting wins, every ``check_every``-th step is plain, to keep the plain side of the comparison
+        current."""
         self.steps += 1
         b = self.best(batch, reqs)
         if self.explore_every and self.steps % self.explore_every == 0:
@@ -142,12 +146,22 @@ class AdaptiveBudget:
         if not (self.check_every and self.realized):         # (only for a caller that reports its steps)
             return True
         plain, draft = (self.realized_rate(batch, arm) for arm in ("plain", "draft"))
-        probe = (self.steps + self.check_every // 2) % self.check_every == 0   # off the exploration steps
         if plain is None:
             return False                              # measure the plain side first (it costs nothing)
+        bucket = batch.bit_length()
         if draft is not None and draft < (1 + self.margin) * plain:
-            return probe                              # drafting did not pay at this batch size: plain
-        return not (draft is not None and probe)      # drafting pays: keep the plain side current
+            # drafting did not pay at this batch size: plain, but for probes, so the check can change its
+            # mind; each probe that confirms it waits twice as long for the next (check_every, 2x, ... up to
+            # max_probe_every steps): a probe is a step that is known to cost more than it delivers
+            nxt, every = self._probes.setdefault(bucket, (self.steps + self.check_every, self.check_every))
+            if self.steps < nxt:
+                return False
+            every = min(2 * every, self.max_probe_every)
+            self._probes[bucket] = (self.steps + every, every)
+            return True
+        self._probes.pop(bucket, None)                # drafting pays: probes start over from check_every
+        probe = (self.steps + self.check_every // 2) % self.check_every == 0   # off the exploration steps
+        return not (draft is not None and probe)      # keep the plain side current
 
     def realized_rate(self, batch: int, arm: str) -> float | None:
         """Committed tokens per ms of the recent ``arm`` ("plain" or "draft") steps at this batch size: the
@@ -221,14 +235,19 @@ class AdaptiveBudget:
 
     def observe_step(self, batch: int, drafted: bool, tokens: int, ms: float) -> None:
         """A whole step (drafting, the pass, acceptance, recycling) of ``batch`` requests committed
-        ``tokens`` in ``ms``: decayed sums of tokens and ms per arm (plain or drafting) and batch size."""
+        ``tokens`` in ``ms``: decayed sums of tokens and ms per arm (plain or drafting) and batch size.
+
+        The sums decay with the steps of the budget (``realized_decay`` per step), not with the arm's own
+        observations: an arm seen only now and then (the probes) is judged by its recent steps, so a
+        workload that changes is noticed within a few probes."""
         if not (np.isfinite(ms) and ms > 0):
             return
-        arm = self.realized.setdefault(batch.bit_length(), {"plain": [0.0, 0.0], "draft": [0.0, 0.0]})[
+        arm = self.realized.setdefault(batch.bit_length(), {"plain": [0.0, 0.0, 0], "draft": [0.0, 0.0, 0]})[
             "draft" if drafted else "plain"]
-        keep = 1.0 - self.realized_decay
+        keep = (1.0 - self.realized_decay) ** max(1, self.steps - arm[2])
         arm[0] = keep * arm[0] + tokens
         arm[1] = keep * arm[1] + ms
+        arm[2] = self.steps
 
     def observe_draft(self, ms_per_request: float, rate: float = 0.05) -> None:
         """Host time a drafting step adds per request (observe, draft, recycle), measured (it grows with
