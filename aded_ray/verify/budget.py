@@ -44,7 +44,8 @@ class AdaptiveBudget:
 
     def __init__(self, cost: PassCost | CostCurve, *, max_nodes: int = 63, draft_ms: float = 0.3, decay: float = 0.02,
                  explore_every: int = 16, prior: float | None = None, margin: float = 0.05, shrink: float = 4.0,
-                 check_every: int = 16, realized_decay: float = 0.05, max_probe_every: int = 64):
+                 check_every: int = 16, realized_decay: float = 0.05, max_probe_every: int = 64,
+                 probe_weight: float = 0.25):
         self.cost = cost if isinstance(cost, PassCost) else PassCost(cost)
         self.grid = [b for b in GRID if b <= max_nodes] or [0]
         self.draft_ms = draft_ms
@@ -64,6 +65,8 @@ class AdaptiveBudget:
         # where drafting does not pay: per bucket, the step of the next probe and the interval it doubles
         self.max_probe_every = max(max_probe_every, check_every)
         self._probes: dict[int, tuple[int, int]] = {}
+        self.probe_weight = probe_weight
+        self._probing = False                         # the step being chosen is a probe
         self.last = self.best()
 
     def request_state(self) -> RequestAcceptance:
@@ -158,6 +161,7 @@ class AdaptiveBudget:
                 return False
             every = min(2 * every, self.max_probe_every)
             self._probes[bucket] = (self.steps + every, every)
+            self._probing = True
             return True
         self._probes.pop(bucket, None)                # drafting pays: probes start over from check_every
         probe = (self.steps + self.check_every // 2) % self.check_every == 0   # off the exploration steps
@@ -237,17 +241,17 @@ class AdaptiveBudget:
         """A whole step (drafting, the pass, acceptance, recycling) of ``batch`` requests committed
         ``tokens`` in ``ms``: decayed sums of tokens and ms per arm (plain or drafting) and batch size.
 
-        The sums decay with the steps of the budget (``realized_decay`` per step), not with the arm's own
-        observations: an arm seen only now and then (the probes) is judged by its recent steps, so a
-        workload that changes is noticed within a few probes."""
+        A probe (a drafting step while drafting did not pay, :meth:`choose`) weighs ``probe_weight`` (as
+        much as the last few steps together, where an ordinary step weighs ``realized_decay``): probes are
+        rare, and a workload that changed must be noticed within a few of them."""
+        probing, self._probing = self._probing, False
         if not (np.isfinite(ms) and ms > 0):
             return
-        arm = self.realized.setdefault(batch.bit_length(), {"plain": [0.0, 0.0, 0], "draft": [0.0, 0.0, 0]})[
+        arm = self.realized.setdefault(batch.bit_length(), {"plain": [0.0, 0.0], "draft": [0.0, 0.0]})[
             "draft" if drafted else "plain"]
-        keep = (1.0 - self.realized_decay) ** max(1, self.steps - arm[2])
+        keep = 1.0 - (self.probe_weight if probing and drafted else self.realized_decay)
         arm[0] = keep * arm[0] + tokens
         arm[1] = keep * arm[1] + ms
-        arm[2] = self.steps
 
     def observe_draft(self, ms_per_request: float, rate: float = 0.05) -> None:
         """Host time a drafting step adds per request (observe, draft, recycle), measured (it grows with
