@@ -96,3 +96,6 @@ class EngineConfig(_Strict):
     max_batch: int = Field(32, ge=1, le=1024)
     max_waiting: int = Field(256, ge=0, le=100_000)
     prefill_chunk: int = Field(512, ge=16, le=65536)
+    # the chat template's own preamble (its default system turn and the user header: no user text) is
+    # prefilled once and its KV copied into every chat request that starts with it
+    cache_preamble: bool = True

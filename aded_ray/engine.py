@@ -68,6 +68,7 @@ class Engine:
         cfg = self.config
         v = cfg.verify
         self.compute_thread = threading.current_thread()     # builds the model and runs every pass
+        self._preamble: list[int] | None = None
         if v.threads:
             torch.set_num_threads(v.threads)
         self.device, self.mode = v.resolved_device(), v.resolved_mode()
@@ -296,13 +297,32 @@ class Engine:
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         stops = [s for s in (stop or []) if s]
         ids = self.encode_ids(prompt) if _is_ids(prompt) else self.encode(prompt, chat)
+        preamble = self.preamble_length(ids)      # (the template's text alone: the same tokens, the same KV)
         if not sampling.greedy and sampling.seed is None:
             import secrets
 
             sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=secrets.randbits(63))
         stats = GenerationStats()
-        handle = self.scheduler.submit(GenRequest(ids, max_new_tokens, sampling, speculate, max_nodes, share), stats)
+        handle = self.scheduler.submit(GenRequest(ids, max_new_tokens, sampling, speculate, max_nodes, share,
+                                                  preamble), stats)
         return self._stream(handle, stats, stops)
+
+    def preamble_length(self, ids: list[int]) -> int:
+        """How many first tokens of the chat ``ids`` are the template's own preamble: what every chat without
+        a system message starts with (the template's default system turn and the user header), no user
+        text, so its cached KV is shared by all users alike. 0 when ``ids`` does not start with it, or when
+        the engine's config turns the cache off."""
+        if not self.config.cache_preamble:
+            return 0
+        if self._preamble is None:
+            import os
+
+            from aded_ray.chat import encode_chat
+
+            a, b = (encode_chat(self.tokenizer, [{"role": "user", "content": c}]) for c in ("a", "b"))
+            self._preamble = a[: len(os.path.commonprefix([a, b]))]
+        n = len(self._preamble)
+        return n if n and ids[:n] == self._preamble else 0
 
     def encode_ids(self, ids) -> list[int]:
         """Validate a prompt given as token ids."""

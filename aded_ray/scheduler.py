@@ -46,6 +46,7 @@ class GenRequest:
     speculate: bool = True
     max_nodes: int | None = None      # this request's cap on draft nodes per step (None: the engine's)
     share: bool = True                # may the finished request join the (fleet) history
+    preamble: int = 0                 # its first tokens are the chat template's own preamble (cacheable KV)
 
 
 class Handle:
@@ -116,6 +117,7 @@ class Scheduler:
         self._waiting: collections.deque[Handle] = collections.deque()
         self._running: list[_Slot] = []
         self._prefilling: _Slot | None = None
+        self._preambles: dict[tuple, object] = {}    # preamble tokens -> their KV (BatchKV.save_prefix)
         self._closed = False
         self._thread = threading.current_thread()       # (start=False: this thread calls run())
         if start:
@@ -212,12 +214,39 @@ class Scheduler:
         self._prefilling = _Slot(h, st)
 
     def _prefill_chunk(self, max_tokens: int) -> int:
-        """Prefill up to ``max_tokens`` more of the newcomer's prompt; returns how many were run."""
+        """Prefill up to ``max_tokens`` more of the newcomer's prompt; returns how many were run.
+
+        A request that starts with the chat template's preamble (``GenRequest.preamble`` tokens, no user
+        text) always prefills it as a pass of its own, so its KV is the same whether it comes from that pass
+        or from the copy kept of the first such pass: a cache hit changes speed only."""
         p = self._prefilling
         t0 = time.perf_counter()
         ids = p.state.prompt_ids
+        slot = len(self._running)
+        n = p.handle.req.preamble
+        if p.prefilled == 0 and 0 < n < len(ids) and hasattr(self.kv, "load_prefix"):
+            key = tuple(ids[:n])
+            saved = self._preambles.get(key)
+            if saved is None:
+                self.kv.prefill(slot, ids, 0, n)
+                self._preambles[key] = self.kv.save_prefix(slot, n)
+                while len(self._preambles) > 8:
+                    self._preambles.pop(next(iter(self._preambles)))
+                ran = n
+            else:
+                self.kv.load_prefix(slot, saved)
+                ran = 0
+            p.prefilled = n
+            if max_tokens - ran <= 0:
+                p.state.stats.prefill_s += time.perf_counter() - t0
+                return ran
+            return ran + self._prefill_rest(p, slot, max_tokens - ran, t0)
+        return self._prefill_rest(p, slot, max_tokens, t0)
+
+    def _prefill_rest(self, p: _Slot, slot: int, max_tokens: int, t0: float) -> int:
+        ids = p.state.prompt_ids
         start = p.prefilled
-        logits = self.kv.prefill(len(self._running), ids, start, max_tokens)
+        logits = self.kv.prefill(slot, ids, start, max_tokens)
         p.prefilled = int(self.kv.lens[len(self._running)])
         p.state.stats.prefill_s += time.perf_counter() - t0
         if logits is None:

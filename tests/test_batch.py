@@ -121,3 +121,21 @@ def test_lossless_under_load(engine):
     assert engine.scheduler.counters.aborted > before
     assert max(passes) >= 6                                            # requests really shared passes
     assert engine.scheduler.kv.used == 0
+
+
+def test_a_loaded_prefix_is_bitwise_the_pass_it_was_saved_from(model):
+    # the preamble cache's guarantee: a prompt's rest, prefilled on a copied prefix, sees exactly the KV the
+    # prefix's own pass wrote, so a hit and a miss give the same logits, bit for bit
+    kv = BatchKV(model)
+    ids, n = list(range(200, 240)), 12
+    a, b = kv.add_slot(), kv.add_slot()
+    assert kv.prefill(a, ids, 0, n) is None
+    saved = kv.save_prefix(a, n)
+    miss = kv.prefill(a, ids, n)
+    kv.load_prefix(b, saved)
+    assert kv.lens.tolist() == [40, 12]
+    hit = kv.prefill(b, ids, n)
+    assert torch.equal(miss, hit)
+    for layer in kv.cache.layers:           # and the whole prompt's KV, the rest's entries included
+        assert torch.equal(layer.kbuf[a, :, :40], layer.kbuf[b, :, :40])
+        assert torch.equal(layer.vbuf[a, :, :40], layer.vbuf[b, :, :40])

@@ -57,6 +57,36 @@ def test_one_thread_builds_the_model_and_runs_every_pass(engine):
     assert engine.compute_thread.name == "aded-scheduler"
 
 
+def test_the_template_preamble_is_prefilled_once_and_its_kv_reused(engine):
+    msgs = [{"role": "user", "content": "Name three rivers in Europe."}]
+    ids = engine.encode(msgs)
+    n = engine.preamble_length(ids)
+    text = engine.tokenizer.decode(ids[:n])
+    assert n > 0 and "Name" not in text and text.endswith("user\n")          # the template's text alone
+    assert engine.preamble_length(engine.encode([{"role": "system", "content": "Be brief."}] + msgs)) == 0
+    kv, ran = engine.scheduler.kv, []
+    prefill = kv.prefill
+
+    def counted(slot, ids, start=0, max_tokens=None):
+        out = prefill(slot, ids, start, max_tokens)
+        ran.append((start, int(kv.lens[slot]) - start))
+        return out
+
+    kv.prefill = counted
+    engine.scheduler._preambles.clear()
+    try:
+        outs = []
+        for _ in range(2):
+            ran.clear()
+            outs.append((ids_of(engine.generate(msgs, max_new_tokens=24, speculate=False)), list(ran)))
+    finally:
+        del kv.prefill
+    (first, miss), (second, hit) = outs
+    assert miss == [(0, n), (n, len(ids) - n)]          # the preamble in a pass of its own, then the rest
+    assert hit == [(n, len(ids) - n)]                    # its KV copied: only the rest runs
+    assert first == second                               # the same KV either way: the same tokens
+
+
 def test_max_new_tokens_and_stop_strings(engine):
     prompt = "Write a long essay about the history of the ocean."
     chunks = list(engine.generate(prompt, chat=True, max_new_tokens=30))

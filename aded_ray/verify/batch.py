@@ -244,6 +244,23 @@ class BatchKV:
     def drop_last(self) -> None:
         self.lens = self.lens[:-1]
 
+    @torch.inference_mode()
+    def save_prefix(self, slot: int, n: int) -> list:
+        """A copy of the first ``n`` KV entries of ``slot``, per layer (for :meth:`load_prefix`)."""
+        return [(layer.kbuf[slot, :, :n].clone(), layer.vbuf[slot, :, :n].clone()) for layer in self.cache.layers]
+
+    @torch.inference_mode()
+    def load_prefix(self, slot: int, saved: list) -> None:
+        """Make ``slot`` hold exactly the saved entries (a prefix computed earlier by the same model)."""
+        n = saved[0][0].shape[1]
+        for layer, (k, v) in zip(self.cache.layers, saved):
+            if not layer.is_initialized:
+                layer.lazy_initialization(k[None], v[None])
+            layer.ensure(k[None], slot + 1, n)
+            layer.kbuf[slot, :, :n] = k
+            layer.vbuf[slot, :, :n] = v
+        self.lens[slot] = n
+
     # ---- passes ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def _forward(self, first: int, lens: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
