@@ -117,7 +117,7 @@ class Scheduler:
         self._waiting: collections.deque[Handle] = collections.deque()
         self._running: list[_Slot] = []
         self._prefilling: _Slot | None = None
-        self._preambles: dict[tuple, object] = {}    # preamble tokens -> their KV (BatchKV.save_prefix)
+        self._preamble: tuple | None = None          # (preamble tokens, their KV from BatchKV.save_prefix)
         self._closed = False
         self._thread = threading.current_thread()       # (start=False: this thread calls run())
         if start:
@@ -125,8 +125,9 @@ class Scheduler:
             self._thread.start()
 
     def run(self) -> None:
-        """Run the scheduling loop on the calling thread until :meth:`close`."""
-        self._thread = threading.current_thread()
+        """Run the scheduling loop on the constructing thread until :meth:`close` (``start=False`` only)."""
+        if self._thread is not threading.current_thread():
+            raise RuntimeError("run() belongs to the thread that built the scheduler with start=False")
         self._loop()
 
     # ---- the consumers' side ------------------------------------------------------------------------
@@ -225,16 +226,13 @@ class Scheduler:
         slot = len(self._running)
         n = p.handle.req.preamble
         if p.prefilled == 0 and 0 < n < len(ids) and hasattr(self.kv, "load_prefix"):
-            key = tuple(ids[:n])
-            saved = self._preambles.get(key)
-            if saved is None:
+            key = ids[:n]                  # one engine, one template: one preamble (kept while it matches)
+            if self._preamble is None or self._preamble[0] != key:
                 self.kv.prefill(slot, ids, 0, n)
-                self._preambles[key] = self.kv.save_prefix(slot, n)
-                while len(self._preambles) > 8:
-                    self._preambles.pop(next(iter(self._preambles)))
+                self._preamble = (key, self.kv.save_prefix(slot, n))
                 ran = n
             else:
-                self.kv.load_prefix(slot, saved)
+                self.kv.load_prefix(slot, self._preamble[1])
                 ran = 0
             p.prefilled = n
             if max_tokens - ran <= 0:
@@ -247,7 +245,7 @@ class Scheduler:
         ids = p.state.prompt_ids
         start = p.prefilled
         logits = self.kv.prefill(slot, ids, start, max_tokens)
-        p.prefilled = int(self.kv.lens[len(self._running)])
+        p.prefilled = int(self.kv.lens[slot])
         p.state.stats.prefill_s += time.perf_counter() - t0
         if logits is None:
             return p.prefilled - start

@@ -73,7 +73,7 @@ def test_the_template_preamble_is_prefilled_once_and_its_kv_reused(engine):
         return out
 
     kv.prefill = counted
-    engine.scheduler._preambles.clear()
+    engine.scheduler._preamble = None
     try:
         outs = []
         for _ in range(2):

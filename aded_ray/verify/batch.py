@@ -13,8 +13,8 @@ A decode pass carries, for request r, its root and its tree (``n[r]`` tokens), w
   beside long ones does not read their length of keys): each layer gathers a run's queries into
   ``[b, w = max(n)]``, attends with a 4-D additive mask per request over the first ``max(lens) + w`` entries
   of each slot of the run (its committed prefix, its tree's ancestors: ``tree.ancestor_mask``; padding rows
-  see only their own column), and keeps the real rows. Attention in every pass of a ``BatchKV`` is SDPA with grouped query heads (the ``aded_ragged``
-  attention function, registered with transformers).
+  see only their own column), and keeps the real rows. Attention in every pass of a ``BatchKV`` is SDPA with
+  grouped query heads (the ``aded_ragged`` attention function, registered with transformers).
 - **padded** (with fixed ``widths``, e.g. for shape-stable GPU kernels): every request contributes ``W``
   tokens (its root, its tree, then padding) and the whole model runs on ``[B, W]``.
 
@@ -190,7 +190,8 @@ class _Pass:
             return
         B = len(counts)
         offsets = np.r_[0, np.cumsum(counts)[:-1]]
-        self.groups = [_Group(lo, hi, lens, counts, offsets, device) for lo, hi in length_groups(lens, counts, SPLIT_KEYS)]
+        self.groups = [_Group(lo, hi, lens, counts, offsets, device)
+                       for lo, hi in length_groups(lens, counts, SPLIT_KEYS)]
         slot = np.repeat(np.arange(first, first + B), counts)
         pos = np.concatenate([lens[r] + np.arange(counts[r]) for r in range(B)])
         self.slot_t, self.pos_t = torch.from_numpy(slot).to(device), torch.from_numpy(pos).to(device)
