@@ -99,3 +99,6 @@ class EngineConfig(_Strict):
     # the chat template's own preamble (its default system turn and the user header: no user text) is
     # prefilled once and its KV copied into every chat request that starts with it
     cache_preamble: bool = True
+    # while requests run, a newcomer's prompt chunk is prefilled in their decoding pass (one read of the
+    # weights for both) instead of a pass of its own that stalls them
+    fuse_prefill: bool = True

@@ -196,10 +196,14 @@ def catch_up(st: RequestState) -> np.ndarray:
     return seq
 
 
-def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECYCLE_K) -> list[list[int]]:
+def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECYCLE_K,
+               prefill=None) -> list[list[int]]:
     """One speculative step for every running request (slot r = ``states[r]``), one forward pass in all:
     draft per request (budget chosen for the batch size, capped per request), verify all trees together,
     accept per request, compact each request's KV, recycle. Returns the tokens each request emitted.
+
+    ``prefill`` (a :class:`aded_ray.verify.batch.PrefillChunk`): a newcomer's next prompt tokens ride in the
+    same pass (slot ``len(states)``); such a step teaches the budget nothing about pass costs or step rates.
 
     When the budget chooses a plain step (0 nodes) nothing runs on the drafter's side: no draft, no top-k
     of the logits, no recycling, and its observation of the step is deferred (:func:`catch_up`: replayed in
@@ -235,7 +239,8 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
                 st.unobserved.append(len(st.committed))
             trees.append(DraftTree())
     t1 = time.perf_counter()
-    logits = kv.forward_trees([st.root for st in states], trees)
+    roots = [st.root for st in states]
+    logits = kv.forward_trees(roots, trees) if prefill is None else kv.forward_trees(roots, trees, prefill=prefill)
     counts = [len(t) + 1 for t in trees]
     rows = reduce_batch(logits, [st.sampling for st in states],
                         [st.produced + row_depths(t) for st, t in zip(states, trees)], counts,
@@ -245,7 +250,8 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
     walks = [walk(t, r.tokens) for t, r in zip(trees, rows)]
     kv.commit([[0] + [i + 1 for i in path] for path, _ in walks])
     t2 = time.perf_counter()
-    budget.observe_cost(len(states), width, 1000 * (t2 - t1))
+    if prefill is None:
+        budget.observe_cost(len(states), width, 1000 * (t2 - t1))
     out = []
     for st, k, tree, r, (path, bonus) in zip(states, ks, trees, rows, walks):
         recycle = getattr(st.drafter, "observe_logits", None)
@@ -270,5 +276,6 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
     if drafting and hasattr(budget, "observe_draft"):      # host time of drafting + recycling, per drafting request
         budget.observe_draft(1000 * host / sum(k > 0 for k in ks))
     if hasattr(budget, "observe_step"):                    # what the whole step delivered (less what it owed)
-        budget.observe_step(len(states), drafting, sum(len(o) for o in out), 1000 * (t3 - t0 - owed))
+        ms = 1000 * (t3 - t0 - owed) if prefill is None else float("nan")      # nan: not a step's rate
+        budget.observe_step(len(states), drafting, sum(len(o) for o in out), ms)
     return out

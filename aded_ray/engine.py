@@ -120,7 +120,8 @@ class Engine:
         # a tensor-parallel group's ranks hold one KV cache each: its requests run one at a time
         self.scheduler = Scheduler(kv, self.drafter if self.speculate else None, self._make_budget(v.budget),
                                    self.eos_ids, max_batch=1 if self.group is not None else cfg.max_batch,
-                                   max_waiting=cfg.max_waiting, default_max_nodes=self.max_nodes, start=False)
+                                   max_waiting=cfg.max_waiting, default_max_nodes=self.max_nodes, start=False,
+                                   fuse_prefill=cfg.fuse_prefill)
 
     # the drafter and the budget live in the scheduler (benchmarks swap them between runs)
     @property

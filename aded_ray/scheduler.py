@@ -28,6 +28,7 @@ import numpy as np
 
 from aded_ray.decode import NoDraft, RequestState, catch_up, step_batch
 from aded_ray.verify.accept import SamplingParams, reduce_rows
+from aded_ray.verify.batch import PrefillChunk
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +98,18 @@ class Counters:
     emitted: int = 0
     aborted: int = 0
     finished: int = 0
+    fused_prefills: int = 0          # prompt chunks prefilled in a decoding pass
 
 
 class Scheduler:
     def __init__(self, kv, drafter, budget, eos_ids, *, max_batch: int = 32, max_waiting: int = 256,
-                 default_max_nodes: int = 64, on_step=None, name: str = "aded-scheduler", start: bool = True):
+                 default_max_nodes: int = 64, on_step=None, name: str = "aded-scheduler", start: bool = True,
+                 fuse_prefill: bool = True):
         """``start``: run the loop on a new thread named ``name``; without it the owner calls :meth:`run` on
         the thread that should run it (the engine: the thread that built the model, see
-        :class:`aded_ray.engine.Engine`)."""
+        :class:`aded_ray.engine.Engine`). ``fuse_prefill``: while requests run, a newcomer's prompt is
+        prefilled in their passes (where the KV layout can: :attr:`BatchKV.fuses_prefill`), not in passes of
+        its own that stall them."""
         self.kv = kv
         self.drafter = drafter            # the process drafter (sessions per request), or None: no speculation
         self.budget = budget
@@ -112,6 +117,7 @@ class Scheduler:
         self.max_batch, self.max_waiting = int(max_batch), int(max_waiting)
         self.default_max_nodes = default_max_nodes
         self.on_step = on_step
+        self.fuse_prefill = fuse_prefill
         self.counters = Counters()
         self._cond = threading.Condition()
         self._waiting: collections.deque[Handle] = collections.deque()
@@ -183,15 +189,20 @@ class Scheduler:
     def _iteration(self) -> None:
         self._drop_cancelled()
         budget = self.kv.prefill_chunk          # prompt tokens prefilled per iteration, over all newcomers
+        fuse = self.fuse_prefill and bool(self._running) and getattr(self.kv, "fuses_prefill", False)
         while budget > 0:
             self._admit()
             if self._prefilling is None:
+                break
+            if fuse:                            # the prompt rides in the running requests' pass (below)
+                budget -= self._prefill_preamble()
                 break
             budget -= self._prefill_chunk(budget)
             if self._prefilling is not None:
                 break                           # a long prompt: its next chunk after the next step
         if self._running:
-            self._step()
+            p = self._prefilling
+            self._step(PrefillChunk(p.state.prompt_ids, p.prefilled, budget) if fuse and p and budget > 0 else None)
 
     def _admit(self) -> None:
         if self._prefilling is not None or len(self._running) >= self.max_batch:
@@ -215,53 +226,60 @@ class Scheduler:
         self._prefilling = _Slot(h, st)
 
     def _prefill_chunk(self, max_tokens: int) -> int:
-        """Prefill up to ``max_tokens`` more of the newcomer's prompt; returns how many were run.
-
-        A request that starts with the chat template's preamble (``GenRequest.preamble`` tokens, no user
-        text) always prefills it as a pass of its own, so its KV is the same whether it comes from that pass
-        or from the copy kept of the first such pass: a cache hit changes speed only."""
-        p = self._prefilling
-        t0 = time.perf_counter()
-        ids = p.state.prompt_ids
-        slot = len(self._running)
-        n = p.handle.req.preamble
-        if p.prefilled == 0 and 0 < n < len(ids) and hasattr(self.kv, "load_prefix"):
-            key = ids[:n]                  # one engine, one template: one preamble (kept while it matches)
-            if self._preamble is None or self._preamble[0] != key:
-                self.kv.prefill(slot, ids, 0, n)
-                self._preamble = (key, self.kv.save_prefix(slot, n))
-                ran = n
-            else:
-                self.kv.load_prefix(slot, self._preamble[1])
-                ran = 0
-            p.prefilled = n
-            if max_tokens - ran <= 0:
-                p.state.stats.prefill_s += time.perf_counter() - t0
-                return ran
-            return ran + self._prefill_rest(p, slot, max_tokens - ran, t0)
-        return self._prefill_rest(p, slot, max_tokens, t0)
-
-    def _prefill_rest(self, p: _Slot, slot: int, max_tokens: int, t0: float) -> int:
-        ids = p.state.prompt_ids
+        """Prefill up to ``max_tokens`` more of the newcomer's prompt in passes of its own; returns how many
+        were run."""
+        ran = self._prefill_preamble()
+        if max_tokens - ran <= 0:
+            return ran
+        p, t0 = self._prefilling, time.perf_counter()
         start = p.prefilled
-        logits = self.kv.prefill(slot, ids, start, max_tokens)
-        p.prefilled = int(self.kv.lens[slot])
+        logits = self.kv.prefill(len(self._running), p.state.prompt_ids, start, max_tokens - ran)
+        p.prefilled = int(self.kv.lens[len(self._running)])
         p.state.stats.prefill_s += time.perf_counter() - t0
-        if logits is None:
-            return p.prefilled - start
+        if logits is not None:
+            self._join(p, logits)
+        return ran + p.prefilled - start
+
+    def _prefill_preamble(self) -> int:
+        """A newcomer that starts with the chat template's preamble (``GenRequest.preamble`` tokens, no user
+        text) always prefills it as a pass of its own, so its KV is the same whether it comes from that pass
+        or from the copy kept of the first such pass: a cache hit changes speed only. Returns the tokens
+        run (0 on a hit, or without a preamble)."""
+        p = self._prefilling
+        ids = p.state.prompt_ids
+        n = p.handle.req.preamble
+        if not (p.prefilled == 0 and 0 < n < len(ids) and hasattr(self.kv, "load_prefix")):
+            return 0
+        t0 = time.perf_counter()
+        slot = len(self._running)
+        key = ids[:n]                      # one engine, one template: one preamble (kept while it matches)
+        ran = 0
+        if self._preamble is None or self._preamble[0] != key:
+            self.kv.prefill(slot, ids, 0, n)
+            self._preamble = (key, self.kv.save_prefix(slot, n))
+            ran = n
+        else:
+            self.kv.load_prefix(slot, self._preamble[1])
+        p.prefilled = n
+        p.state.stats.prefill_s += time.perf_counter() - t0
+        return ran
+
+    def _join(self, p: _Slot, logits) -> None:
+        """The newcomer's prompt is in its slot and ``logits`` follow its last token: it starts running."""
         top_k = 8 if hasattr(p.state.drafter, "observe_logits") else 0
         rows = reduce_rows(logits, p.state.sampling, positions=[0], top_k=top_k)
         self._prefilling = None
         self._running.append(p)
         self._deliver(p, p.state.start(rows))
-        return len(ids) - start
 
-    def _step(self) -> None:
+    def _step(self, chunk: PrefillChunk | None = None) -> None:
+        """One step of the running requests; ``chunk``: the newcomer's next prompt tokens ride in its pass."""
         slots = list(self._running)       # delivering may remove finished requests from _running
         states = [s.state for s in slots]
         c = self.counters
         before = [(st.stats.drafts, st.stats.draft_tokens, st.stats.accepted_tokens) for st in states]
-        outs = step_batch(self.kv, states, self.budget)
+        t0 = time.perf_counter()
+        outs = step_batch(self.kv, states, self.budget, prefill=chunk)
         c.steps += 1
         for s, out, (d0, t0, a0) in zip(slots, outs, before):
             st = s.state.stats
@@ -272,6 +290,13 @@ class Scheduler:
             for i in range(min(accepted, len(c.accepted_per_position))):
                 c.accepted_per_position[i] += 1
             self._deliver(s, out)
+        if chunk is not None:             # (delivering moved its slot down past any request that ended)
+            p = self._prefilling
+            p.prefilled = chunk.start + chunk.ran
+            p.state.stats.prefill_s += time.perf_counter() - t0
+            c.fused_prefills += 1
+            if chunk.logits is not None:
+                self._join(p, chunk.logits)
         if self.on_step is not None:
             self.on_step(self)
 

@@ -96,9 +96,9 @@ def test_lossless_under_load(engine):
     results, passes = {}, []
     orig = engine.scheduler.kv.forward_trees
 
-    def spy(roots, trees, width=None):
+    def spy(roots, trees, width=None, **kw):
         passes.append(len(trees))
-        return orig(roots, trees, width)
+        return orig(roots, trees, width, **kw)
 
     engine.scheduler.kv.forward_trees = spy
 
@@ -120,6 +120,7 @@ def test_lossless_under_load(engine):
     assert len(results[len(REQUESTS) - 1][0]) < 200                   # the cancelled one stopped early
     assert engine.scheduler.counters.aborted > before
     assert max(passes) >= 6                                            # requests really shared passes
+    assert engine.scheduler.counters.fused_prefills > 0                # and prompts rode in their passes
     assert engine.scheduler.kv.used == 0
 
 
@@ -139,3 +140,54 @@ def test_a_loaded_prefix_is_bitwise_the_pass_it_was_saved_from(model):
     for layer in kv.cache.layers:           # and the whole prompt's KV, the rest's entries included
         assert torch.equal(layer.kbuf[a, :, :40], layer.kbuf[b, :, :40])
         assert torch.equal(layer.vbuf[a, :, :40], layer.vbuf[b, :, :40])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_prompt_chunk_riding_in_a_decoding_pass_is_its_own_prefill_bit_for_bit(model, packed):
+    # chunked prefill inside the running requests' pass (the weights read once for both): the newcomer's KV
+    # and first logits are those of a pass of its own, and the running requests' rows those of their pass
+    # without it: bit for bit with pre-packed linears (oneDNN computes a row the same whatever the other
+    # rows); eager fp32 (MKL) rounds by the shape of the whole pass, as any batched pass does
+    from aded_ray.verify.batch import PrefillChunk
+    from aded_ray.verify.modes import pack_linears
+
+    if packed:
+        import copy
+        model = pack_linears(copy.deepcopy(model))
+
+    def same(a, b):
+        return torch.equal(a, b) if packed else (a - b).abs().max().item() < 1e-4
+    prompts = [list(range(100, 140)), list(range(300, 352))]
+    newcomer = list(range(700, 790))
+    trees = [DraftTree([11, 12, 13], [-1, 0, 0]), DraftTree()]
+    kv = BatchKV(model, prefill_chunk=64)
+    for p in prompts:
+        s = kv.add_slot()
+        while kv.prefill(s, p, int(kv.lens[s])) is None:
+            pass
+    s = kv.add_slot()
+    assert kv.prefill(s, newcomer, 0, 30) is None            # its first 30 tokens alone (as a preamble is)
+    ref = BatchKV(model, prefill_chunk=64)
+    for p in prompts + [newcomer]:
+        r = ref.add_slot()
+        while ref.prefill(r, p, int(ref.lens[r])) is None:
+            pass
+    alone = ref.forward_trees([7, 8], trees)
+    first = PrefillChunk(newcomer, 30, 40)
+    rows = kv.forward_trees([7, 8], trees, prefill=first)    # 40 more tokens: not complete yet
+    assert first.ran == 40 and first.logits is None and kv.lens.tolist() == [40, 52, 70]
+    assert same(rows, alone)
+    kv.commit([[0], [0]])
+    ref.commit([[0], [0]])
+    last = PrefillChunk(newcomer, 70, 64)
+    rows = kv.forward_trees([9, 10], [DraftTree(), DraftTree()], prefill=last)
+    assert last.ran == 20 and kv.lens.tolist() == [41, 53, 90]
+    assert same(rows, ref.forward_trees([9, 10], [DraftTree(), DraftTree()]))
+    own = BatchKV(model, prefill_chunk=64)
+    own.add_slot()
+    assert own.prefill(0, newcomer, 0, 30) is None and own.prefill(0, newcomer, 30, 40) is None
+    assert same(last.logits, own.prefill(0, newcomer, 70))
+    for a, b in zip(kv.cache.layers, own.cache.layers):
+        assert same(a.kbuf[2, :, :90], b.kbuf[0, :, :90]) and same(a.vbuf[2, :, :90], b.vbuf[0, :, :90])
+    with pytest.raises(ValueError, match="starts at 80"):
+        kv.forward_trees([1, 2], [DraftTree(), DraftTree()], prefill=PrefillChunk(newcomer, 80, 8))

@@ -83,6 +83,23 @@ class FakeKV:
             self.slots[r] = ctx[keep[-1]] if keep else self.slots[r]
 
 
+class FusingKV(FakeKV):
+    """A fake that takes a newcomer's prompt chunk in a decoding pass (slot B, after the B running requests)."""
+
+    fuses_prefill = True
+
+    def forward_trees(self, roots, trees, width=None, prefill=None):
+        out = super().forward_trees(roots, trees, width)
+        if prefill is not None:
+            B = len(trees)
+            self.fused.append(B)
+            prefill.logits = self.prefill(B, prefill.ids, prefill.start, prefill.max_tokens)
+            prefill.ran = len(self.slots[B]) - prefill.start
+        return out
+
+    fused: list
+
+
 class OracleDrafter:
     """Drafts the true continuation for a few tokens (and a wrong sibling), so steps accept several."""
 
@@ -120,17 +137,21 @@ def run(sched, prompt, max_new=60, **kw):
     return [t for toks, _ in h for t in toks], h
 
 
-def make(max_batch=4, drafter=OracleDrafter(), budget=4, delay=0.0, max_waiting=64):
-    return Scheduler(FakeKV(delay), drafter, FixedBudget(budget), [EOS], max_batch=max_batch,
+def make(max_batch=4, drafter=OracleDrafter(), budget=4, delay=0.0, max_waiting=64, fuse=False):
+    kv = FusingKV(delay) if fuse else FakeKV(delay)
+    kv.fused = []
+    return Scheduler(kv, drafter, FixedBudget(budget), [EOS], max_batch=max_batch,
                      max_waiting=max_waiting, default_max_nodes=8)
 
 
 PROMPTS = [[(3 * i + j) % (V - 1) + 1 for j in range(2 + i % 9)] for i in range(12)]
 
 
-@pytest.mark.parametrize("drafter, budget", [(OracleDrafter(), 4), (None, 0)])
-def test_concurrent_requests_equal_alone(drafter, budget):
-    s = make(max_batch=4, drafter=drafter, budget=budget)
+@pytest.mark.parametrize("drafter, budget, fuse", [(OracleDrafter(), 4, False), (None, 0, False),
+                                                   (OracleDrafter(), 4, True), (None, 0, True)])
+def test_concurrent_requests_equal_alone(drafter, budget, fuse):
+    # fuse: newcomers' prompts ride in the running requests' passes (their slot moves down as others end)
+    s = make(max_batch=4, drafter=drafter, budget=budget, fuse=fuse)
     res = {}
 
     def go(i):
@@ -145,6 +166,7 @@ def test_concurrent_requests_equal_alone(drafter, budget):
     assert max(b for b, _ in s.kv.passes) <= 4                      # never more than max_batch at once
     assert max(b for b, _ in s.kv.passes) >= 2                      # and really batched
     assert s.counters.finished == len(PROMPTS) and s.counters.aborted == 0
+    assert (s.counters.fused_prefills > 0) == fuse and len(s.kv.fused) == s.counters.fused_prefills
     if drafter is not None:
         assert s.counters.accepted_tokens > 0
 

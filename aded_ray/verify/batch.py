@@ -30,6 +30,8 @@ Logits of every real row equal those of the same tokens verified alone.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -133,26 +135,31 @@ def _register_ragged_attention() -> str:
     return RAGGED
 
 
-SPLIT_KEYS = 96    # padded key entries (request x key) that one more attention call costs, about, on CPUs
+SPLIT_KEYS = 192   # padded (query x key) entries that one more attention call costs, about, on CPUs
 
 
 def length_groups(lens: np.ndarray, counts: np.ndarray, split_keys: int = SPLIT_KEYS) -> list[tuple[int, int]]:
     """Split slots ``0 .. B-1`` (in order) into runs ``[lo, hi)`` whose attention is computed separately, each
-    over its own ``max(lens + counts)`` keys: the split minimising the key entries read (each run pads its
-    requests to its longest) plus ``split_keys`` per run (the cost of one more call). One run when lengths
-    are alike; a short request beside long ones gets its own. Exact dynamic programme, O(B^2).
+    padded to its widest pass (``max(counts)`` queries) over its longest ``max(lens + counts)`` keys: the split
+    minimising the padded query x key entries plus ``split_keys`` per run (the cost of one more call). One run
+    when lengths and widths are alike; a short request beside long ones gets its own, and so does a prompt
+    chunk prefilled in the same pass (a hundred queries that the decoding requests must not be padded to).
+    Exact dynamic programme, O(B^2).
 
     >>> length_groups(np.array([300, 290, 40, 35]), np.array([2, 2, 2, 2]))
     [(0, 2), (2, 4)]
+    >>> length_groups(np.array([200, 210, 150]), np.array([1, 1, 90]))
+    [(0, 2), (2, 3)]
     """
     ends = (np.asarray(lens) + np.asarray(counts)).tolist()
+    widths = np.asarray(counts).tolist()
     B = len(ends)
     best, cut = [0.0] + [float("inf")] * B, [0] * (B + 1)
     for i in range(1, B + 1):
-        m = 0
+        m = w = 0
         for j in range(i - 1, -1, -1):           # run [j, i)
-            m = max(m, ends[j])
-            c = best[j] + split_keys + (i - j) * m
+            m, w = max(m, ends[j]), max(w, widths[j])
+            c = best[j] + split_keys + (i - j) * m * w
             if c < best[i]:
                 best[i], cut[i] = c, j
     runs, i = [], B
@@ -197,6 +204,20 @@ class _Pass:
         self.slot_t, self.pos_t = torch.from_numpy(slot).to(device), torch.from_numpy(pos).to(device)
 
 
+@dataclass
+class PrefillChunk:
+    """A newcomer's prompt ``ids`` from ``start`` (what its slot holds), at most ``max_tokens`` of it, to be
+    prefilled in the running requests' next pass (:meth:`BatchKV.forward_trees`). After the pass ``ran``
+    tokens were written and, once the prompt is complete, ``logits`` holds the ``[V]`` logits after its last
+    token (float32), as :meth:`BatchKV.prefill` returns them."""
+
+    ids: Sequence[int]
+    start: int
+    max_tokens: int
+    ran: int = 0
+    logits: torch.Tensor | None = None
+
+
 class BatchKV:
     """KV caches of up to ``slots`` requests for one model, and the passes over them."""
 
@@ -222,6 +243,11 @@ class BatchKV:
         self.cache.layers = [layer_cls(self) for _ in self.cache.layers]
         self.lens = np.zeros(0, np.int64)      # committed length per slot
         self.current: _Pass | None = None
+
+    @property
+    def fuses_prefill(self) -> bool:
+        """Whether a prompt chunk can ride in a decoding pass (``forward_trees(..., prefill=...)``)."""
+        return self.layout == "ragged"
 
     # ---- slots ----------------------------------------------------------------------------------
     @property
@@ -265,10 +291,12 @@ class BatchKV:
     # ---- passes ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def _forward(self, first: int, lens: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
-                 allow: np.ndarray, counts: np.ndarray | None = None, last_only: bool = False) -> torch.Tensor:
+                 allow: np.ndarray, counts: np.ndarray | None = None, last_only: bool = False,
+                 rows: np.ndarray | None = None) -> torch.Tensor:
         """Padded: ``tokens``/``positions`` ``[B, W]``, logits ``[B, W, V]``. Ragged (``counts``): packed
         ``[1, T]``, logits ``[1, T, V]``. ``allow`` is the padded ``[B, W, K]`` attention mask either way.
-        ``last_only``: the LM head runs on the last position alone (logits ``[B, 1, V]``; a prefill)."""
+        The LM head runs on the last position alone with ``last_only`` (logits ``[B, 1, V]``; a prefill), on
+        the packed rows ``rows`` alone when they are given (ragged)."""
         self.current = p = _Pass(first, lens, allow.shape[1], self.device, counts)
         mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(torch.from_numpy(~allow),
                                                                        torch.finfo(self.dtype).min)
@@ -276,7 +304,8 @@ class BatchKV:
             out = self.model(input_ids=torch.from_numpy(tokens).to(self.device),
                              position_ids=torch.from_numpy(positions).to(self.device),
                              attention_mask=mask.to(self.device)[:, None], cache=self.cache, use_cache=True,
-                             aded_pass=p, logits_to_keep=1 if last_only else 0)
+                             aded_pass=p, logits_to_keep=1 if last_only else (
+                                 0 if rows is None else torch.from_numpy(rows).to(self.device)))
         finally:
             self.current = None
         return out.logits
@@ -299,11 +328,21 @@ class BatchKV:
         self.lens[slot] += w
         return logits[0, -1].float() if start + w >= len(ids) else None
 
-    def forward_trees(self, roots, trees: list[DraftTree], width: int | None = None) -> torch.Tensor:
+    def forward_trees(self, roots, trees: list[DraftTree], width: int | None = None,
+                      prefill: PrefillChunk | None = None) -> torch.Tensor:
         """Logits ``[T, V]`` (float32, on the device) of the real rows of slots ``0 .. B-1``, packed: request
         r's rows start at ``sum(len(trees[q]) + 1 for q < r)``; its row 0 is its root, row i + 1 its node i.
-        ``width`` pads every request to that many tokens (padded layout only)."""
+        ``width`` pads every request to that many tokens (padded layout only).
+
+        ``prefill`` (ragged layout): the next chunk of a newcomer's prompt, in slot B, rides in the same pass
+        (the weights are read once for both: a decoding pass alone is bound by reading them). Its entries are
+        committed at once; its logits are not among the returned rows (see :class:`PrefillChunk`)."""
         B = len(trees)
+        if prefill is not None:
+            if self.layout != "ragged":
+                raise ValueError(f"a prompt chunk rides only in a ragged pass, layout is {self.layout!r}")
+            return self._forward_ragged(roots, trees, self.lens[:B], np.array([len(t) + 1 for t in trees]),
+                                        prefill)
         n = np.array([len(t) + 1 for t in trees])
         W = int(n.max()) if width is None else int(width)
         if self.widths:
@@ -329,19 +368,43 @@ class BatchKV:
         real = torch.from_numpy(np.flatnonzero((np.arange(W)[None] < n[:, None]).ravel())).to(self.device)
         return logits.reshape(B * W, -1)[real].float()
 
-    def _forward_ragged(self, roots, trees: list[DraftTree], lens: np.ndarray, n: np.ndarray) -> torch.Tensor:
-        B, W = len(trees), int(n.max())
+    def _forward_ragged(self, roots, trees: list[DraftTree], lens: np.ndarray, n: np.ndarray,
+                        chunk: PrefillChunk | None = None) -> torch.Tensor:
+        B = len(trees)
+        tokens = [np.r_[int(root), t.tokens].astype(np.int64) for root, t in zip(roots, trees)]
+        positions = [lens[r] + np.r_[0, t.depths()] for r, t in enumerate(trees)]
+        masks = [ancestor_mask(t.parents, include_root=True) for t in trees]
+        rows = None
+        if chunk is not None:                  # slot B: a causal run of prompt tokens after its prefix
+            L = int(self.lens[B])
+            if L != chunk.start:
+                raise ValueError(f"slot {B} holds {L} tokens, the prompt chunk starts at {chunk.start}")
+            ids = np.asarray(chunk.ids[L:L + max(1, min(self.prefill_chunk, chunk.max_tokens))], np.int64)
+            c = len(ids)
+            tokens.append(ids)
+            positions.append(L + np.arange(c))
+            masks.append(np.tril(np.ones((c, c), bool)))
+            lens, n = self.lens[:B + 1], np.r_[n, c]
+            T = int(n[:B].sum())
+            done = L + c >= len(chunk.ids)
+            rows = np.r_[np.arange(T), T + c - 1] if done else np.arange(T)   # the LM head: trees + last token
+        W = int(n.max())
         K = int(lens.max()) + W
-        tokens = np.concatenate([np.r_[int(root), t.tokens].astype(np.int64) for root, t in zip(roots, trees)])
-        positions = np.concatenate([lens[r] + np.r_[0, t.depths()] for r, t in enumerate(trees)]).astype(np.int64)
-        allow = np.zeros((B, W, K), bool)
-        for r, t in enumerate(trees):
+        allow = np.zeros((len(n), W, K), bool)
+        for r, m in enumerate(masks):
             L, k = int(lens[r]), int(n[r])
             allow[r, :, :L] = True
-            allow[r, :k, L:L + k] = ancestor_mask(t.parents, include_root=True)
+            allow[r, :k, L:L + k] = m
             pad = np.arange(k, W)
             allow[r, pad, L + pad] = True          # a padding query's row stays finite; it is dropped
-        return self._forward(0, lens, tokens[None], positions[None], allow, counts=n)[0].float()
+        logits = self._forward(0, lens, np.concatenate(tokens)[None],
+                               np.concatenate(positions).astype(np.int64)[None], allow, counts=n, rows=rows)[0]
+        if chunk is None:
+            return logits.float()
+        self.lens[B] += c
+        chunk.ran = c
+        chunk.logits = logits[T].float() if done else None
+        return logits[:T].float()
 
     @torch.inference_mode()
     def commit(self, keeps: list[list[int]]) -> None:
@@ -368,6 +431,7 @@ class SerialKV:
     group's): a "batched" pass runs the requests one after the other. Correct everywhere, batched nowhere."""
 
     layout = "ragged"         # nothing pads: each request's pass carries its own tokens only
+    fuses_prefill = False     # a prompt is prefilled by its own verifier, in a pass of its own
 
     def __init__(self, make_verifier):
         self.make_verifier = make_verifier

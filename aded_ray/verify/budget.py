@@ -45,7 +45,7 @@ class AdaptiveBudget:
     def __init__(self, cost: PassCost | CostCurve, *, max_nodes: int = 63, draft_ms: float = 0.3, decay: float = 0.02,
                  explore_every: int = 16, prior: float | None = None, margin: float = 0.05, shrink: float = 4.0,
                  check_every: int = 16, realized_decay: float = 0.05, max_probe_every: int = 64,
-                 probe_weight: float = 0.25):
+                 probe_weight: float = 0.25, prior_weight: float = 4.0, min_evidence: int = 12):
         self.cost = cost if isinstance(cost, PassCost) else PassCost(cost)
         self.grid = [b for b in GRID if b <= max_nodes] or [0]
         self.draft_ms = draft_ms
@@ -57,6 +57,7 @@ class AdaptiveBudget:
         self.acc = {b: (0.0 if b == 0 else (prior if prior is not None else 0.4 + 0.1 * np.log2(b + 1)))
                     for b in self.grid}
         self.seen = {b: 0 for b in self.grid}
+        self.prior_weight = prior_weight              # the prior counts as this many observations
         self.steps = 0
         # the realized-rate check: committed tokens per ms of whole steps, plain and drafting, per batch-size
         # bucket (the bit length of the size: continuous batching moves the size by one all the time)
@@ -66,6 +67,7 @@ class AdaptiveBudget:
         self.max_probe_every = max(max_probe_every, check_every)
         self._probes: dict[int, tuple[int, int]] = {}
         self.probe_weight = probe_weight
+        self.min_evidence = min_evidence              # drafting steps at a batch size before a veto there
         self._probing = False                         # the step being chosen is a probe
         self.last = self.best()
 
@@ -145,14 +147,22 @@ class AdaptiveBudget:
         return np.maximum.accumulate(np.maximum(a, 0.0), axis=1).tolist()
 
     def _gate(self, batch: int) -> bool:
-        """The realized-rate check for a step that would draft: may it (see :meth:`choose`)?"""
+        """The realized-rate check for a step that would draft: may it (see :meth:`choose`)?
+
+        Drafting is vetoed at a batch size once its steps (at least ``min_evidence`` of them, so the first
+        cold steps of a fresh process cannot decide alone) delivered fewer tokens per ms than plain steps;
+        a vetoed size drafts again once probes show drafting ahead of plain by ``margin`` (hysteresis: at
+        parity the check does not flap)."""
         if not (self.check_every and self.realized):         # (only for a caller that reports its steps)
             return True
         plain, draft = (self.realized_rate(batch, arm) for arm in ("plain", "draft"))
         if plain is None:
             return False                              # measure the plain side first (it costs nothing)
         bucket = batch.bit_length()
-        if draft is not None and draft < (1 + self.margin) * plain:
+        vetoed = bucket in self._probes
+        evidence = self.realized[bucket]["draft"][2]
+        if draft is not None and evidence >= self.min_evidence and \
+                draft < (1 + (self.margin if vetoed else 0.0)) * plain:
             # drafting did not pay at this batch size: plain, but for probes, so the check can change its
             # mind; each probe that confirms it waits twice as long for the next (check_every, 2x, ... up to
             # max_probe_every steps): a probe is a step that is known to cost more than it delivers
@@ -230,7 +240,10 @@ class AdaptiveBudget:
         if rate < (1 + self.margin) * plain_rate:
             at = [0] * B                    # the estimates are noisy; a draft must clearly pay
         if self.explore_every and self.steps % self.explore_every == 0:
-            at = [i + 1 if i and i + 1 < len(grid) and grid[i + 1] <= caps[r] else i for r, i in enumerate(at)]
+            # one grid step up for every request that may speculate, a plain one included: its estimate
+            # is learnt only from its drafts, so a request that accepted nothing in its first cold steps
+            # would otherwise stay plain to its end (the realized-rate check still vetoes where it does not pay)
+            at = [i + 1 if i + 1 < len(grid) and grid[i + 1] <= caps[r] else i for r, i in enumerate(at)]
         ks = [grid[i] for i in at]
         if any(ks) and not self._gate(B):
             ks = [0] * B
@@ -247,11 +260,12 @@ class AdaptiveBudget:
         probing, self._probing = self._probing, False
         if not (np.isfinite(ms) and ms > 0):
             return
-        arm = self.realized.setdefault(batch.bit_length(), {"plain": [0.0, 0.0], "draft": [0.0, 0.0]})[
+        arm = self.realized.setdefault(batch.bit_length(), {"plain": [0.0] * 3, "draft": [0.0] * 3})[
             "draft" if drafted else "plain"]
         keep = 1.0 - (self.probe_weight if probing and drafted else self.realized_decay)
         arm[0] = keep * arm[0] + tokens
         arm[1] = keep * arm[1] + ms
+        arm[2] += 1                               # how many steps it has seen (the check's evidence)
 
     def observe_draft(self, ms_per_request: float, rate: float = 0.05) -> None:
         """Host time a drafting step adds per request (observe, draft, recycle), measured (it grows with
@@ -273,7 +287,10 @@ class AdaptiveBudget:
             if b == 0 or (b > budget and n_nodes >= budget):
                 continue                 # (a drafter with nothing to propose teaches every b: 0 accepted)
             got = int(np.sum(p < b))
-            self.acc[b] += self.decay * (got - self.acc[b]) if self.seen[b] else (got - self.acc[b])
+            # the mean of the prior (worth prior_weight observations) and the observations, until it
+            # becomes an exponential average: one cold first step does not erase the prior
+            w = max(self.decay, 1.0 / (self.seen[b] + 1 + self.prior_weight))
+            self.acc[b] += w * (got - self.acc[b])
             self.seen[b] += 1
             if req is not None:
                 req.sum[i] += got
