@@ -244,7 +244,7 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
     counts = [len(t) + 1 for t in trees]
     rows = reduce_batch(logits, [st.sampling for st in states],
                         [st.produced + row_depths(t) for st, t in zip(states, trees)], counts,
-                        top_k=top_k if drafting else 0)
+                        top_k=top_k if drafting else 0, top_k_for=[k > 0 for k in ks])   # only what is recycled
     width = logits.shape[0] / len(states)    # tokens per request, on average (the ragged layout pads nothing)
     del logits
     walks = [walk(t, r.tokens) for t, r in zip(trees, rows)]

@@ -105,3 +105,21 @@ def test_top_k_and_top_p_filtering():
 def test_bad_sampling_params(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw)
+
+
+def test_top_k_only_for_the_requests_that_recycle_it():
+    from aded_ray.verify.accept import reduce_batch, reduce_rows
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 40, generator=g)                  # requests of 2, 1 and 3 rows
+    greedy = [SamplingParams()] * 3
+    every = reduce_batch(logits, greedy, [np.arange(2), np.arange(1), np.arange(3)], [2, 1, 3], top_k=4)
+    some = reduce_batch(logits, greedy, [np.arange(2), np.arange(1), np.arange(3)], [2, 1, 3], top_k=4,
+                        top_k_for=[False, True, True])
+    assert some[0].top_ids is None and some[0].top_p is None
+    for a, b, rows in zip(every, some, [logits[:2], logits[2:3], logits[3:]]):
+        assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.tokens, rows.argmax(-1).numpy())
+    for r, rows in ((1, logits[2:3]), (2, logits[3:])):
+        ref = reduce_rows(rows, SamplingParams(), positions=np.arange(len(rows)), top_k=4)
+        assert np.array_equal(some[r].top_ids, ref.top_ids) and np.array_equal(every[r].top_ids, ref.top_ids)
+        assert np.allclose(some[r].top_p, ref.top_p) and np.allclose(every[r].top_p, ref.top_p)
