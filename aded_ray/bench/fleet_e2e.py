@@ -69,13 +69,21 @@ def rollout_requests(traces: list[dict], per_set: int) -> list[dict]:
     return [{"id": t["id"], "prompt_ids": t["prompt_ids"], "seed": 1000 + i} for i, t in enumerate(chosen)]
 
 
+def fleet_jobs(requests: list[dict], store, url, ready: str, processes: int, max_new: int, threads: int,
+               temperature: float) -> list[tuple]:
+    """One worker's arguments per process: requests dealt round robin, and **one** store namespace for the
+    whole fleet (a namespace per process would be four isolated stores under one Redis)."""
+    ns = f"e2e-{time.time_ns()}"
+    return [(store, requests[i::processes], url, ns, ready, processes, max_new, threads, temperature)
+            for i in range(processes)]
+
+
 def run(requests: list[dict], store: str | None, url: str | None, *, processes: int = 4, max_new: int = 96,
         threads: int = 1, temperature: float = 0.8) -> dict:
     import tempfile
 
-    deal = [requests[i::processes] for i in range(processes)]
     with tempfile.TemporaryDirectory() as ready:
-        jobs = [(store, d, url, f"e2e-{time.time_ns()}", ready, processes, max_new, threads, temperature) for d in deal]
+        jobs = fleet_jobs(requests, store, url, ready, processes, max_new, threads, temperature)
         with mp.get_context("spawn").Pool(processes) as pool:
             outs = pool.map(_worker, jobs)
     tokens = sum(len(o["ids"]) for w in outs for o in w["outs"])
