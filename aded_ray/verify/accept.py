@@ -173,7 +173,7 @@ def reduce_batch(logits: torch.Tensor, samplings: list[SamplingParams], position
     T = int(offsets[-1])
     out = [RowChoices(host[offsets[r]: offsets[r + 1]].astype(np.int64)) for r in range(len(counts))]
     if sel:
-        m = (len(host) - T) // (2 * top_k)              # rows with a top-k
+        m = sum(counts[r] for r in sel)                 # rows with a top-k
         ids_h = host[T:T + m * top_k].reshape(m, top_k)
         p_h = host[T + m * top_k:].reshape(m, top_k)
         at = 0

@@ -310,6 +310,10 @@ class BatchKV:
             self.current = None
         return out.logits
 
+    def _chunk_len(self, max_tokens: int | None) -> int:
+        """Prompt tokens one prefill chunk takes: at most ``prefill_chunk`` and ``max_tokens``, at least one."""
+        return self.prefill_chunk if max_tokens is None else max(1, min(self.prefill_chunk, max_tokens))
+
     def prefill(self, slot: int, ids, start: int = 0, max_tokens: int | None = None) -> torch.Tensor | None:
         """Run the next chunk (at most ``prefill_chunk`` and ``max_tokens`` tokens) of the prompt ``ids``, from
         ``start`` (the slot's length), into ``slot``; returns the ``[V]`` logits after the last prompt token
@@ -317,8 +321,7 @@ class BatchKV:
         L = int(self.lens[slot])
         if L != start:
             raise ValueError(f"slot {slot} holds {L} tokens, prefill resumes at {start}")
-        n = self.prefill_chunk if max_tokens is None else max(1, min(self.prefill_chunk, max_tokens))
-        chunk = np.asarray(ids[start:start + n], np.int64)
+        chunk = np.asarray(ids[start:start + self._chunk_len(max_tokens)], np.int64)
         w = len(chunk)
         allow = np.zeros((1, w, L + w), bool)
         allow[0, :, :L] = True
@@ -338,12 +341,11 @@ class BatchKV:
         (the weights are read once for both: a decoding pass alone is bound by reading them). Its entries are
         committed at once; its logits are not among the returned rows (see :class:`PrefillChunk`)."""
         B = len(trees)
+        n = np.array([len(t) + 1 for t in trees])
         if prefill is not None:
             if self.layout != "ragged":
                 raise ValueError(f"a prompt chunk rides only in a ragged pass, layout is {self.layout!r}")
-            return self._forward_ragged(roots, trees, self.lens[:B], np.array([len(t) + 1 for t in trees]),
-                                        prefill)
-        n = np.array([len(t) + 1 for t in trees])
+            return self._forward_ragged(roots, trees, self.lens[:B], n, prefill)
         W = int(n.max()) if width is None else int(width)
         if self.widths:
             W = next((w for w in self.widths if w >= W), W)
@@ -379,7 +381,7 @@ class BatchKV:
             L = int(self.lens[B])
             if L != chunk.start:
                 raise ValueError(f"slot {B} holds {L} tokens, the prompt chunk starts at {chunk.start}")
-            ids = np.asarray(chunk.ids[L:L + max(1, min(self.prefill_chunk, chunk.max_tokens))], np.int64)
+            ids = np.asarray(chunk.ids[L:L + self._chunk_len(chunk.max_tokens)], np.int64)
             c = len(ids)
             tokens.append(ids)
             positions.append(L + np.arange(c))
