@@ -1,0 +1,108 @@
+"""The static-KV, fixed-width verifier (and its compiled pass) with the real SmolLM2 in fp32: greedy outputs
+equal plain decoding by ``model.generate`` and the eager path's, speculative or not."""
+import numpy as np
+import pytest
+import torch
+
+from aded_ray.bench.traces import chat_ids
+from aded_ray.decode import FixedBudget, GenerationStats, generate_ids
+from aded_ray.draft.best import BestDrafter
+from aded_ray.draft.build import matrix_from_token_docs
+from aded_ray.draft.tree import DraftTree
+from aded_ray.verify.static import StaticTreeVerifier
+from aded_ray.verify.target import TreeVerifier
+
+pytestmark = pytest.mark.model
+
+PROMPTS = [
+    "Write a Python function that checks whether a number is prime.",
+    "List three fruits.",
+    "def fibonacci(n):",
+]
+NEW = 40
+
+
+@pytest.fixture(scope="module")
+def references(model, tokenizer):
+    refs = []
+    for p in PROMPTS:
+        ids = chat_ids(tokenizer, [{"role": "user", "content": p}])
+        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+        refs.append((ids, out[0, len(ids):].tolist()))
+    return refs
+
+
+def _decode(verifier, matrix, references, eos, nodes: int):
+    """Greedy outputs of every reference prompt through ``verifier`` (``nodes`` draft nodes a step), and the
+    accepted tokens in all."""
+    outs, accepted = [], 0
+    matrix.reset_deltas()
+    drafter = BestDrafter(matrix)
+    for ids, _ in references:
+        st = GenerationStats()
+        outs.append([t for c in generate_ids(verifier, drafter, ids, max_new_tokens=NEW, eos_ids=eos,
+                                             budget=FixedBudget(nodes), stats=st) for t in c])
+        accepted += st.accepted_tokens
+    return outs, accepted
+
+
+def _perfect(tokenizer, references):
+    return matrix_from_token_docs([ids + out for ids, out in references], len(tokenizer))
+
+
+def test_static_verifier_greedy_equals_generate_plain_and_speculative(model, tokenizer, corpus_matrix,
+                                                                      references):
+    eos = [tokenizer.eos_token_id]
+    refs = [out for _, out in references]
+    # widths (1, 8, 16): the prompts (> 16 tokens) run in several padded chunks; trees pad to 8 or 16
+    v = StaticTreeVerifier(model, widths=(1, 8, 16), max_len=256)
+    assert _decode(v, corpus_matrix, references, eos, nodes=0)[0] == refs
+    assert _decode(v, corpus_matrix, references, eos, nodes=15)[0] == refs
+    outs, accepted = _decode(v, _perfect(tokenizer, references), references, eos, nodes=15)
+    assert outs == refs
+    assert accepted > len(references) * NEW // 2        # long accepted paths (KV compaction) were exercised
+
+
+@torch.inference_mode()
+def test_static_rows_equal_the_dynamic_verifiers(model):
+    """Prefill in padded chunks, a branching tree padded to its width, compaction, then a plain step: every
+    row agrees with the dynamic-cache verifier to fp32 rounding, with the same argmax."""
+    ids = list(range(1000, 1045))                      # 45 tokens: chunks of 16, 16, 13 (padded to 16)
+    tree = DraftTree(np.array([5, 6, 7, 8, 9]), np.array([-1, -1, 0, 0, 2]))
+    ref, st = TreeVerifier(model), StaticTreeVerifier(model, widths=(1, 8, 16), max_len=128)
+    pairs = [(ref.prefill(ids)[None], st.prefill(ids)[None]), (ref.forward_tree(3, tree), st.forward_tree(3, tree))]
+    ref.commit([0, 1, 3])
+    st.commit([0, 1, 3])
+    assert st.length == ref.length == 48
+    pairs.append((ref.forward_tree(4, DraftTree()), st.forward_tree(4, DraftTree())))
+    for a, b in pairs:
+        assert a.shape == b.shape
+        assert float((a - b).abs().max()) < 1e-3
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_static_verifier_refuses_what_does_not_fit(model):
+    v = StaticTreeVerifier(model, widths=(1, 8), max_len=32)
+    with pytest.raises(ValueError, match="max_len=32"):
+        v.prefill(list(range(100, 130)))                # 30 prompt tokens + a pass of 8 > 32
+    v.prefill(list(range(100, 120)))
+    with pytest.raises(ValueError, match="largest fixed width 8"):
+        v.forward_tree(1, DraftTree(np.arange(9), np.arange(-1, 8)))
+    with pytest.raises(ValueError, match="widths"):
+        StaticTreeVerifier(model, widths=(0, 4))
+
+
+@pytest.mark.slow
+def test_compiled_pass_is_token_identical_to_the_eager_pass(model, tokenizer, corpus_matrix, references):
+    """torch.compile (inductor on CPUs) over the fixed widths: greedy outputs, plain and speculative, equal
+    the eager static path's and model.generate's (two widths: ~1 min of compiling on 2 cores)."""
+    eos = [tokenizer.eos_token_id]
+    refs = [out for _, out in references]
+    eager = StaticTreeVerifier(model, widths=(1, 8), max_len=256)
+    compiled = StaticTreeVerifier(model, widths=(1, 8), max_len=256, compile=True)
+    assert compiled.compiled and compiled._fn is not model.forward
+    for nodes, matrix in ((0, corpus_matrix), (7, corpus_matrix), (7, _perfect(tokenizer, references))):
+        want = _decode(eager, matrix, references, eos, nodes)[0]
+        assert want == refs
+        assert _decode(compiled, matrix, references, eos, nodes)[0] == want
