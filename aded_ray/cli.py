@@ -409,6 +409,17 @@ def _bench_load(a) -> int:
     return 0
 
 
+def _bench_compile(a) -> int:
+    from aded_ray.bench.compiled import markdown, run_bench_compile
+
+    device = a.device if a.device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    r = run_bench_compile(limit=a.limit, max_new_tokens=a.max_new_tokens, store=a.store, device=device,
+                          widths=a.widths, max_len=a.max_len, compile_mode=a.compile_mode, out_dir=a.out_dir)
+    print(markdown(r))
+    print(f"written: {a.out_dir}/bench-compile.md, bench-compile.json")
+    return 0
+
+
 def _gpu_check(a) -> int:
     from aded_ray.bench.gpu_check import run
 
@@ -554,6 +565,18 @@ def main(argv=None) -> int:
     bl.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     bl.add_argument("--out-dir", default="results")
     bl.set_defaults(fn=_bench_load)
+
+    bc = sub.add_parser("bench-compile", help="compiled static-KV passes against fp32-packed: pass costs and "
+                                              "end-to-end tokens/s, plain and speculative")
+    bc.add_argument("--limit", type=int, default=3, help="MT-Bench and HumanEval prompts each")
+    bc.add_argument("--max-new-tokens", type=int, default=96)
+    bc.add_argument("--widths", type=int, nargs="+", default=[1, 8, 16, 64])
+    bc.add_argument("--max-len", type=int, default=2048, help="static KV cache positions")
+    bc.add_argument("--compile-mode", default=None, help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    bc.add_argument("--store", default=None)
+    bc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    bc.add_argument("--out-dir", default="results")
+    bc.set_defaults(fn=_bench_compile)
 
     gc = sub.add_parser("gpu-check", help="exactness, cost curves and end-to-end speed on this device (make gpu-check)")
     gc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aded_ray.verify.modes import MODES
 
@@ -57,6 +57,19 @@ class VerifyConfig(_Strict):
     # proportionally more) or {batch: {width: ms}}; None = measure at start-up on the engine's own batched KV
     # (once per machine, model, mode and batch grid; cached in $ADED_CACHE_DIR/cost)
     cost_curve: dict[int, float] | dict[int, dict[int, float]] | None = None
+    # Compiled passes (torch.compile over a static KV cache and fixed widths; inductor with frozen weights on
+    # CPUs, CUDA graphs on GPUs): one request at a time (max_batch 1), mode fp32/bf16/fp16. Off by default:
+    # on the 2-core CPU it beats fp32-packed for a single stream, never the batched engine (README).
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _compile_needs_plain_weights(self):
+        if self.compile and self.mode.endswith("-packed"):
+            raise ValueError(f"compile=True needs unpacked weights (the compiler lays them out itself), "
+                             f"mode is {self.mode!r}: use fp32")
+        if self.compile and self.tp_size > 1:
+            raise ValueError(f"compile=True runs on one device, tp_size is {self.tp_size}")
+        return self
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -72,12 +85,14 @@ class VerifyConfig(_Strict):
 
         if self.resolved_device() == "cuda":
             return "fp32"   # exact (TF32 off); fp16/bf16 must pass the start-up check to speculate
-        if self.tp_size > 1:
-            return "fp32"  # AutoTP shards nn.Linear; oneDNN packing does not apply to its layers
+        if self.tp_size > 1 or self.compile:
+            return "fp32"  # AutoTP shards nn.Linear, and compiling packs by itself: no oneDNN pre-packing
         return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
 
 
     def resolved_widths(self) -> list[int]:
+        if self.widths == "auto" and self.compile:
+            return [1, 8, 16, 64]             # compiled passes need fixed shapes on any device
         if self.widths != "auto":
             if any(w < 1 or w > 4096 for w in self.widths):
                 raise ValueError(f"widths {self.widths} must be token counts in 1..4096")
@@ -102,3 +117,10 @@ class EngineConfig(_Strict):
     # while requests run, a newcomer's prompt chunk is prefilled in their decoding pass (one read of the
     # weights for both) instead of a pass of its own that stalls them
     fuse_prefill: bool = True
+
+    @model_validator(mode="after")
+    def _compiled_passes_run_one_request(self):
+        if self.verify.compile and self.max_batch != 1:
+            raise ValueError(f"verify.compile=True decodes one request at a time (a static single-request KV "
+                             f"cache): max_batch must be 1, got {self.max_batch}")
+        return self

@@ -86,6 +86,14 @@ class Engine:
             self.group = TPGroup(tp_size=v.tp_size, model=v.model, dtype=dtype, device=self.device,
                                  step_timeout_s=v.step_timeout_s, bundle_offset=tp_bundle_offset)
             self.make_verifier = self.group.verifier
+        elif v.compile:
+            from aded_ray.verify.static import StaticTreeVerifier
+
+            self.model = load_for_mode(v.model, self.mode, self.device)
+            max_len = cfg.max_prompt_tokens + cfg.max_new_tokens + 2 * self.widths[-1]
+            mode = "reduce-overhead" if self.device.startswith("cuda") else None   # CUDA graphs on a GPU
+            self.make_verifier = lambda: StaticTreeVerifier(self.model, widths=self.widths, max_len=max_len,
+                                                            compile=True, compile_mode=mode, dynamic=None if mode is None else False)
         else:
             from aded_ray.verify.target import TreeVerifier
 
@@ -113,7 +121,7 @@ class Engine:
         from aded_ray.verify.batch import BatchKV, SerialKV
 
         make_kv = (lambda: SerialKV(self.make_verifier)) if (
-            self.group is not None or cfg.max_batch == 1 and not self.widths) else (
+            self.group is not None or v.compile or cfg.max_batch == 1 and not self.widths) else (
             lambda: BatchKV(self.model, prefill_chunk=cfg.prefill_chunk, widths=self.widths))
         kv = make_kv()
         self.cost = self._pass_cost(make_kv, isinstance(kv, BatchKV)) if self.speculate else None
@@ -154,7 +162,7 @@ class Engine:
             nested = all(isinstance(x, dict) for x in v.cost_curve.values())
             return PassCost(v.cost_curve if nested else {1: v.cost_curve}, self.widths)
         mode_key = self.mode if v.tp_size == 1 else f"{self.mode}-tp{v.tp_size}"
-        mode_key += f"-{self.device}" + "".join(f"-w{w}" for w in self.widths)
+        mode_key += f"-{self.device}" + "".join(f"-w{w}" for w in self.widths) + ("-compiled" if v.compile else "")
         if batched:
             grid = pass_grid(self.config.max_batch, self.max_nodes + 1, self.widths,
                              max_tokens=1024 if self.device.startswith("cuda") else 256)
@@ -190,21 +198,7 @@ class Engine:
 
     # ---- construction helpers -----------------------------------------------------------------
     def _eos_ids(self) -> list[int]:
-        ids = set()
-        gc = getattr(self.model, "generation_config", None)
-        if gc is None:
-            from transformers import GenerationConfig
-
-            try:
-                gc = GenerationConfig.from_pretrained(self.model_path)
-            except OSError:
-                gc = None
-        for src in (getattr(gc, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif src:
-                ids.update(int(x) for x in src)
-        return sorted(ids)
+        return eos_token_ids(self.model, self.tokenizer, self.model_path)
 
     def _load_matrix(self, store, cls):
         from aded_ray.paths import default_store
@@ -219,27 +213,7 @@ class Engine:
 
     def _make_drafter(self, matrix=None):
         """A warmed-up drafter over ``matrix`` (default: the engine's own)."""
-        d = self.config.draft
-        matrix = self.matrix if matrix is None else matrix
-        if d.method == "lookup":
-            from aded_ray.draft.lookup import PromptLookupDrafter
-
-            return PromptLookupDrafter(num_tokens=max(1, d.max_nodes))
-        if d.method == "best":
-            from aded_ray.draft.best import BestDrafter
-
-            drafter = BestDrafter(matrix, history_tokens=d.history_tokens, window=d.window)
-        else:
-            from aded_ray.draft.mcts import MCTSDrafter
-
-            drafter = MCTSDrafter(matrix, **d.mcts_kwargs())
-        warm = [0, 1, 0, 1]
-        drafter.observe(warm)  # compile the numba kernels now, not in the first request
-        drafter.draft(warm, 4)
-        matrix.reset_deltas()
-        if hasattr(drafter, "reset"):
-            drafter.reset()
-        return drafter
+        return make_drafter(self.config.draft, self.matrix if matrix is None else matrix)
 
     @property
     def busy(self) -> bool:
@@ -363,6 +337,48 @@ class Engine:
                     return
         finally:
             handle.cancel()
+
+
+def eos_token_ids(model, tokenizer, model_path=None) -> list[int]:
+    """The model's end-of-sequence ids: its generation config's and the tokenizer's."""
+    ids = set()
+    gc = getattr(model, "generation_config", None)
+    if gc is None and model_path is not None:
+        from transformers import GenerationConfig
+
+        try:
+            gc = GenerationConfig.from_pretrained(model_path)
+        except OSError:
+            gc = None
+    for src in (getattr(gc, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(x) for x in src)
+    return sorted(ids)
+
+
+def make_drafter(d, matrix):
+    """A warmed-up drafter of the kind ``d`` (a :class:`~aded_ray.config.DraftConfig`) over ``matrix``."""
+    if d.method == "lookup":
+        from aded_ray.draft.lookup import PromptLookupDrafter
+
+        return PromptLookupDrafter(num_tokens=max(1, d.max_nodes))
+    if d.method == "best":
+        from aded_ray.draft.best import BestDrafter
+
+        drafter = BestDrafter(matrix, history_tokens=d.history_tokens, window=d.window)
+    else:
+        from aded_ray.draft.mcts import MCTSDrafter
+
+        drafter = MCTSDrafter(matrix, **d.mcts_kwargs())
+    warm = [0, 1, 0, 1]
+    drafter.observe(warm)  # compile the numba kernels now, not in the first request
+    drafter.draft(warm, 4)
+    matrix.reset_deltas()
+    if hasattr(drafter, "reset"):
+        drafter.reset()
+    return drafter
 
 
 def _is_ids(prompt) -> bool:

@@ -106,3 +106,40 @@ def test_compiled_pass_is_token_identical_to_the_eager_pass(model, tokenizer, co
         want = _decode(eager, matrix, references, eos, nodes)[0]
         assert want == refs
         assert _decode(compiled, matrix, references, eos, nodes)[0] == want
+
+
+def test_compiled_passes_are_configured_for_one_request_and_plain_weights():
+    from pydantic import ValidationError
+
+    from aded_ray.config import EngineConfig, VerifyConfig
+
+    assert VerifyConfig(compile=True).resolved_mode() == "fp32"
+    assert VerifyConfig(compile=True).resolved_widths() == [1, 8, 16, 64]
+    with pytest.raises(ValidationError, match="max_batch must be 1, got 32"):
+        EngineConfig(verify=VerifyConfig(compile=True))
+    with pytest.raises(ValidationError, match="'fp32-packed'"):
+        VerifyConfig(compile=True, mode="fp32-packed")
+    with pytest.raises(ValidationError, match="tp_size is 2"):
+        VerifyConfig(compile=True, tp_size=2)
+
+
+@pytest.mark.slow
+def test_engine_with_compiled_passes_speculates_and_equals_generate(references):
+    """``verify.compile``: the engine's requests run through compiled static passes (one at a time), draft,
+    and decode exactly what ``model.generate`` decodes."""
+    from aded_ray.config import EngineConfig, VerifyConfig
+    from aded_ray.engine import Engine
+    from aded_ray.verify.static import StaticTreeVerifier
+
+    e = Engine(EngineConfig(verify=VerifyConfig(compile=True), max_batch=1))
+    try:
+        assert e.speculate and e.widths == [1, 8, 16, 64]
+        assert isinstance(e.make_verifier(), StaticTreeVerifier)
+        drafted = 0
+        for ids, ref in references:
+            chunks = list(e.generate(ids, max_new_tokens=NEW))
+            assert [t for c in chunks for t in c.token_ids] == ref
+            drafted += chunks[-1].stats.draft_tokens
+        assert drafted > 0
+    finally:
+        e.shutdown()
