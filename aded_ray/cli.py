@@ -413,8 +413,11 @@ def _bench_compile(a) -> int:
     from aded_ray.bench.compiled import markdown, run_bench_compile
 
     device = a.device if a.device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    from aded_ray.config import VerifyConfig
+
+    widths = a.widths or VerifyConfig(compile=True, device=device).resolved_widths()
     r = run_bench_compile(limit=a.limit, max_new_tokens=a.max_new_tokens, store=a.store, device=device,
-                          widths=a.widths, max_len=a.max_len, compile_mode=a.compile_mode, out_dir=a.out_dir)
+                          widths=widths, max_len=a.max_len, compile_mode=a.compile_mode, out_dir=a.out_dir)
     print(markdown(r))
     print(f"written: {a.out_dir}/bench-compile.md, bench-compile.json")
     return 0
@@ -570,7 +573,8 @@ def main(argv=None) -> int:
                                               "end-to-end tokens/s, plain and speculative")
     bc.add_argument("--limit", type=int, default=3, help="MT-Bench and HumanEval prompts each")
     bc.add_argument("--max-new-tokens", type=int, default=96)
-    bc.add_argument("--widths", type=int, nargs="+", default=[1, 8, 16, 64])
+    bc.add_argument("--widths", type=int, nargs="+", default=None,
+                    help="pass widths (default: the engine's for compiled passes on the device)")
     bc.add_argument("--max-len", type=int, default=2048, help="static KV cache positions")
     bc.add_argument("--compile-mode", default=None, help="torch.compile mode (reduce-overhead: CUDA graphs)")
     bc.add_argument("--store", default=None)

@@ -59,7 +59,8 @@ class VerifyConfig(_Strict):
     cost_curve: dict[int, float] | dict[int, dict[int, float]] | None = None
     # Compiled passes (torch.compile over a static KV cache and fixed widths; inductor with frozen weights on
     # CPUs, CUDA graphs on GPUs): one request at a time (max_batch 1), mode fp32/bf16/fp16. Off by default:
-    # on the 2-core CPU it beats fp32-packed for a single stream, never the batched engine (README).
+    # on the 2-core CPU it beats fp32-packed for a single stream, but the batched engine serves several
+    # requests per pass, which a compiled engine cannot yet (README "Compiled static passes").
     compile: bool = False
 
     @model_validator(mode="after")
@@ -91,8 +92,12 @@ class VerifyConfig(_Strict):
 
 
     def resolved_widths(self) -> list[int]:
-        if self.widths == "auto" and self.compile:
-            return [1, 8, 16, 64]             # compiled passes need fixed shapes on any device
+        if self.widths == "auto" and self.compile:   # compiled passes need fixed shapes on any device
+            # a GPU pass costs about the same for 1 and 64 tokens; a CPU pass grows with its width, so small
+            # trees need small widths (measured, `aded bench-compile`: with [1, 8, 16, 64] a 2-token tree
+            # paid the 8-token pass and the budget stopped drafting; with [1, 2, 4, 8, 16] it drafts and
+            # beats the compiled plain loop)
+            return [1, 8, 16, 64] if self.resolved_device() == "cuda" else [1, 2, 4, 8, 16]
         if self.widths != "auto":
             if any(w < 1 or w > 4096 for w in self.widths):
                 raise ValueError(f"widths {self.widths} must be token counts in 1..4096")

@@ -255,6 +255,12 @@ class Engine:
                                           f"{self.config.max_prompt_tokens}")
         return ids
 
+    def run_on_thread(self, fn):
+        """``fn()`` run on the engine's thread, between two scheduler iterations (its result, or its exception
+        raised here). For tensor work beside the engine, e.g. a benchmark's baselines: on a second thread it
+        would start a second OpenMP pool and slow every pass of the engine (above)."""
+        return self.scheduler.call(fn).result()
+
     def generate(self, prompt: str | list[dict] | list[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
                  chat: bool | None = None, speculate: bool = True, max_nodes: int | None = None,

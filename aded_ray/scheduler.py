@@ -18,6 +18,7 @@ outputs are those of the request decoded alone; seeded sampling too (uniforms pe
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -124,6 +125,7 @@ class Scheduler:
         self._running: list[_Slot] = []
         self._prefilling: _Slot | None = None
         self._preamble: tuple | None = None          # (preamble tokens, their KV from BatchKV.save_prefix)
+        self._calls: collections.deque = collections.deque()   # (fn, future): run_on_thread's work
         self._closed = False
         self._thread = threading.current_thread()       # (start=False: this thread calls run())
         if start:
@@ -147,6 +149,19 @@ class Scheduler:
             self._waiting.append(h)
             self._cond.notify()
         return h
+
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run ``fn()`` on the scheduler's thread between two iterations; its result (or exception) in the
+        returned future. For tensor work that must share the engine's OpenMP pool (benchmarks' baselines): a
+        second thread running torch ops slows every pass of the engine (see :class:`aded_ray.engine.Engine`).
+        The running requests wait while it runs."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scheduler is shut down")
+            self._calls.append((fn, fut))
+            self._cond.notify()
+        return fut
 
     @property
     def running(self) -> int:
@@ -174,16 +189,27 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while not (self._closed or self._waiting or self._running or self._prefilling):
+                while not (self._closed or self._waiting or self._running or self._prefilling or self._calls):
                     self._cond.wait()
                 if self._closed:
                     break
+                calls, self._calls = self._calls, collections.deque()
+            for fn, fut in calls:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                        fut.set_exception(e)
+            if not (self._waiting or self._running or self._prefilling):
+                continue
             try:
                 with torch.inference_mode():
                     self._iteration()
             except Exception as e:  # noqa: BLE001 - a failed pass fails the requests in it, not the thread
                 log.exception("batched step failed; failing %d running requests", self.running)
                 self._fail_all(e)
+        for _, fut in self._calls:
+            fut.cancel()
         self._fail_all(RuntimeError("the engine shut down"))
 
     def _iteration(self) -> None:

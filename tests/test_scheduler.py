@@ -297,3 +297,25 @@ def test_a_plain_step_does_no_drafter_work_and_the_drafter_catches_up():
     assert d.drafted == h.stats.steps - plain_steps
     assert d.observed == h.stats.steps and d.lengths == sorted(d.lengths) and len(set(d.lengths)) == len(d.lengths)
     assert d.recycled == 1 + d.drafted
+
+
+def test_call_runs_on_the_scheduler_thread_between_steps_and_raises_there():
+    s = make(max_batch=2, delay=0.002)
+    h = s.submit(GenRequest(PROMPTS[3], 40), GenerationStats())
+    seen = []
+
+    def probe():
+        seen.append((threading.current_thread().name, len(s.kv.passes)))
+        return 42
+
+    while not s.kv.passes:
+        time.sleep(0.001)
+    assert s.call(probe).result(5) == 42                              # while a request runs
+    assert s.call(probe).result(5) == 42 and len(seen) == 2
+    assert all(name == "aded-scheduler" for name, _ in seen) and 0 < seen[0][1] < seen[1][1]   # between steps
+    with pytest.raises(ZeroDivisionError):
+        s.call(lambda: 1 / 0).result(5)
+    assert [t for toks, _ in h for t in toks] == alone(PROMPTS[3], 40)   # the request is untouched
+    s.close()
+    with pytest.raises(RuntimeError, match="shut down"):
+        s.call(probe)

@@ -114,7 +114,8 @@ def test_compiled_passes_are_configured_for_one_request_and_plain_weights():
     from aded_ray.config import EngineConfig, VerifyConfig
 
     assert VerifyConfig(compile=True).resolved_mode() == "fp32"
-    assert VerifyConfig(compile=True).resolved_widths() == [1, 8, 16, 64]
+    assert VerifyConfig(compile=True).resolved_widths() == [1, 2, 4, 8, 16]           # CPU: small trees pay
+    assert VerifyConfig(compile=True, widths=[64, 1]).resolved_widths() == [1, 64]
     with pytest.raises(ValidationError, match="max_batch must be 1, got 32"):
         EngineConfig(verify=VerifyConfig(compile=True))
     with pytest.raises(ValidationError, match="'fp32-packed'"):

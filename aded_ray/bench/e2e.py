@@ -5,7 +5,8 @@ For each prompt set, every prompt is decoded greedily by:
 - ``hf generate``: transformers' ``model.generate`` in the verify mode (the plain baseline of that mode);
 - ``plain loop``: aded_ray's own decode loop without drafts, same mode (a stronger baseline: same KV cache);
 - ``plain (fastest mode)``: plain decoding in the fastest mode the machine has (measured k=1 cost, exact or
-  not: a user who does not speculate would pick it), the faster of ``model.generate`` and the plain loop;
+  not: a user who does not speculate would pick it), the faster of ``model.generate`` and the plain loop
+  (there over the single-request verifier);
 - ``hf prompt lookup``: transformers' prompt-lookup decoding (``prompt_lookup_num_tokens=10``), same mode;
 - ``aded_ray``: speculative decoding with the cost-model budget (``auto``, warmed up once on the
   input-grounded prompts before timing, as a running service's budget is), same mode; with ``budgets``
@@ -16,6 +17,10 @@ Every command runs on any machine: ``device`` picks CPU or CUDA; a mode the hard
 of the fastest-mode search with a note in the results. Tokens/s = new tokens / wall time of the whole
 request (prefill included; synchronised, since every row ends with its tokens on the host). Speed-ups are
 ratios against the plain baselines measured in the same run. Outputs are compared with plain decoding.
+
+All tensor work runs on the engine's thread (:meth:`~aded_ray.engine.Engine.run_on_thread`): baselines on the
+calling thread would start a second OpenMP pool, and with more pool threads than cores every pass of every
+row slows (libgomp's throttled waits; ~1.4x on a 2-core machine).
 """
 from __future__ import annotations
 
@@ -62,23 +67,35 @@ def run_bench(*, sets=("mtbench", "humaneval", "grounded"), limit: int = 10, max
     from aded_ray.config import EngineConfig, VerifyConfig
     from aded_ray.decode import FixedBudget
     from aded_ray.draft.matrix import TrigramMatrix
-    from aded_ray.engine import Engine
+    from aded_ray.decode import NoDraft, generate_ids
+    from aded_ray.engine import Chunk, Engine
+    from aded_ray.verify.modes import load_for_mode
+    from aded_ray.verify.target import TreeVerifier
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = VerifyConfig(device=device).resolved_device()
     engine = Engine(EngineConfig(store=store, verify=VerifyConfig(mode=mode, device=device, budget="auto")))
-    fast_mode, k1_costs, skipped = fastest_plain_mode(device) if fast_baselines else (engine.mode, {}, {})
+    on = engine.run_on_thread          # every baseline's tensor work on the engine's thread: one OpenMP pool
+    fast_mode, k1_costs, skipped = on(lambda: fastest_plain_mode(device)) if fast_baselines else (
+        engine.mode, {}, {})
     tok, model = engine.tokenizer, engine.model
-    fast = engine if fast_mode == engine.mode else Engine(
-        EngineConfig(store=store, verify=VerifyConfig(mode=fast_mode, device=device, budget=0)), speculate=False)
-    fast_model = fast.model
+    fast_model = model if fast_mode == engine.mode else on(lambda: load_for_mode(None, fast_mode, device))
+    fast_verifier = on(lambda: TreeVerifier(fast_model))
+
+    def fast_loop(ids):              # the decode loop without drafts, single-request verifier, fastest mode
+        return on(lambda: [t for c in generate_ids(fast_verifier, NoDraft(), ids, max_new_tokens=max_new_tokens,
+                                                   eos_ids=engine.eos_ids) for t in c])
+
+    def hf(m, ids, n, **kw):
+        return on(lambda: _hf_generate(m, tok, ids, n, **kw))
+
     labels = ["aded_ray" if b == "auto" else f"aded_ray b={b}" for b in budgets]
     auto_budget = engine.budget
     warm = chat_ids(tok, [{"role": "user", "content": "Say hello."}])
-    _hf_generate(model, tok, warm, 8)
-    _hf_generate(fast_model, tok, warm, 8)
+    hf(model, warm, 8)
+    hf(fast_model, warm, 8)
     list(engine.generate("Say hello.", chat=True, max_new_tokens=16))
-    list(fast.generate("Say hello.", chat=True, max_new_tokens=16, speculate=False))
+    on(lambda: list(generate_ids(fast_verifier, NoDraft(), warm, max_new_tokens=16, eos_ids=engine.eos_ids)))
     if engine.speculate:       # the auto budget learns as a running service's has: on other prompts, untimed
         for p in load_prompts("grounded"):
             list(engine.generate(p["messages"], max_new_tokens=max_new_tokens))
@@ -109,14 +126,12 @@ def run_bench(*, sets=("mtbench", "humaneval", "grounded"), limit: int = 10, max
             ids = chat_ids(tok, p["messages"])
             timed = {}
             fns = [
-                ("hf generate", lambda: _hf_generate(model, tok, ids, max_new_tokens)),
+                ("hf generate", lambda: hf(model, ids, max_new_tokens)),
                 ("plain loop", lambda: list(engine.generate(p["messages"], max_new_tokens=max_new_tokens,
                                                             speculate=False))),
-                ("hf generate (fastest mode)", lambda: _hf_generate(fast_model, tok, ids, max_new_tokens)),
-                ("plain loop (fastest mode)", lambda: list(fast.generate(p["messages"], max_new_tokens=max_new_tokens,
-                                                                         speculate=False))),
-                ("hf prompt lookup", lambda: _hf_generate(model, tok, ids, max_new_tokens,
-                                                          prompt_lookup_num_tokens=10)),
+                ("hf generate (fastest mode)", lambda: hf(fast_model, ids, max_new_tokens)),
+                ("plain loop (fastest mode)", lambda: fast_loop(ids)),
+                ("hf prompt lookup", lambda: hf(model, ids, max_new_tokens, prompt_lookup_num_tokens=10)),
             ] + [(lab, lambda lab=lab: spec(lab, p["messages"])) for lab in labels]
             fns = [(k, f) for k, f in fns if k in runs]
             for label, fn in fns:
@@ -124,7 +139,7 @@ def run_bench(*, sets=("mtbench", "humaneval", "grounded"), limit: int = 10, max
                 out = fn()
                 dt = time.perf_counter() - t0
                 timed[label] = out
-                n = len(out) if label.startswith("hf ") else sum(len(c.token_ids) for c in out)
+                n = sum(len(c.token_ids) for c in out) if out and isinstance(out[0], Chunk) else len(out)
                 runs[label]["tokens"] += n
                 runs[label]["seconds"] += dt
             plain_ids = [t for c in timed["plain loop"] for t in c.token_ids]

@@ -9,7 +9,10 @@ a smaller size (``--quick``), so the script is exercised by every session, lent 
    weights (GPU only), without and with fixed widths.
 3. End to end with the default configuration on this device: plain loop, ``model.generate``, transformers'
    prompt lookup, aded_ray with ``auto`` and fixed budgets; tokens/s, MAT, outputs identical to plain.
-4. (``make gpu-check`` then runs the tests marked ``gpu``.)
+4. Under concurrent load (``aded bench-load``).
+5. On CUDA only: the static-KV verifier with CUDA graphs per width against the eager one (``aded bench-compile``;
+   never run on a GPU yet).
+6. (``make gpu-check`` then runs the tests marked ``gpu``.)
 """
 from __future__ import annotations
 
@@ -108,7 +111,23 @@ def run(device: str = "auto", quick: bool | None = None, out: Path | None = None
     lr = run_bench_load(levels=(1, 2) if quick else (1, 4, 16, 32), max_new_tokens=12 if quick else 32,
                         min_requests=2 if quick else 8, device=device, out_dir=out or Path("results/tmp"))
     parts += ["", "## Under concurrent load (`aded bench-load`: one at a time, batched plain, batched speculative)",
-              "", load_markdown(lr), f"({time.time() - t:.0f} s)", "", f"total {time.time() - t0:.0f} s"]
+              "", load_markdown(lr), f"({time.time() - t:.0f} s)"]
+    if device == "cuda":                # CUDA graphs per width; on CPUs `aded bench-compile` is a run of its own
+        t = time.time()
+        parts += ["", "## Static KV cache, captured passes (`aded bench-compile`, CUDA graphs)", ""]
+        try:
+            from aded_ray.bench.compiled import markdown as compile_markdown
+            from aded_ray.bench.compiled import run_bench_compile
+
+            parts.append(compile_markdown(run_bench_compile(
+                limit=2, max_new_tokens=max_new_tokens, device="cuda", max_len=1024,
+                widths=VerifyConfig(compile=True, device="cuda").resolved_widths(),
+                compile_mode="reduce-overhead", out_dir=out or Path("results/tmp"))))
+        except Exception as e:          # the report keeps the sections above
+            parts.append(f"failed: {type(e).__name__}: {e}")
+        parts.append(f"({time.time() - t:.0f} s)")
+        print("\n".join(parts[-3:]), flush=True)
+    parts += ["", f"total {time.time() - t0:.0f} s"]
     report = "\n".join(parts) + "\n"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
