@@ -144,3 +144,15 @@ def test_engine_with_compiled_passes_speculates_and_equals_generate(references):
         assert drafted > 0
     finally:
         e.shutdown()
+
+
+def test_serve_args_select_compiled_passes_for_one_running_request():
+    from pydantic import ValidationError
+
+    from aded_ray.serve.args import AppArgs
+
+    cfg = AppArgs(compile=True, max_running=1).engine_config()
+    assert cfg.verify.compile and cfg.max_batch == 1 and cfg.verify.resolved_widths() == [1, 2, 4, 8, 16]
+    assert not AppArgs().engine_config().verify.compile
+    with pytest.raises(ValidationError, match=r"set max_running to 1 \(got 4\)"):
+        AppArgs(compile=True)

@@ -28,6 +28,7 @@ class AppArgs(BaseModel):
     mode: str = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
+    compile: bool = Field(False, description="compiled static-KV passes (one request at a time: max_running 1)")
     draft: DraftConfig = DraftConfig()
     budget: Literal["auto"] | int = "auto"
     max_prompt_tokens: int = Field(4096, ge=1)
@@ -68,6 +69,13 @@ class AppArgs(BaseModel):
                              "queue behind generations")
         return self
 
+    @model_validator(mode="after")
+    def _compile_runs_one_request(self):
+        if self.compile and self.max_running != 1:
+            raise ValueError(f"compile=True decodes one request at a time: set max_running to 1 "
+                             f"(got {self.max_running})")
+        return self
+
     @property
     def serve_max_ongoing(self) -> int:
         return self.max_ongoing_requests or self.max_running + self.max_waiting + 16
@@ -90,6 +98,7 @@ class AppArgs(BaseModel):
                             max_new_tokens=self.max_new_tokens, **batch,
                             verify=VerifyConfig(model=self.model, mode=self.mode, device=self.device,
                                                 threads=self.threads, budget=self.budget, tp_size=self.tp_size,
+                                                compile=self.compile,
                                                 step_timeout_s=self.step_timeout_s))
 
 
