@@ -6,7 +6,8 @@ a smaller size (``--quick``), so the script is exercised by every session, lent 
 1. Exactness per verify mode and pass widths: :func:`aded_ray.verify.exactness.check_exactness` on the
    shapes the loop uses (which modes may speculate here).
 2. Synchronised cost curves: SmolLM2 (real weights) per mode, and an 8B-class Llama shape with random
-   weights (GPU only), without and with fixed widths.
+   weights (GPU only), without and with fixed widths; then the static-KV verifier compiled per width
+   (CUDA graphs: SmolLM2 fp32 and the 8B shape in bf16; on CPUs a tiny random Llama, to exercise the path).
 3. End to end with the default configuration on this device: plain loop, ``model.generate``, transformers'
    prompt lookup, aded_ray with ``auto`` and fixed budgets; tokens/s, MAT, outputs identical to plain.
 4. Under concurrent load (``aded bench-load``).
@@ -76,6 +77,44 @@ def _cost_rows(device: str, modes, quick: bool) -> list[str]:
     return rows
 
 
+def _compiled_cost_rows(device: str, quick: bool) -> list[str]:
+    """Cost of a pass of the static-KV verifier compiled per width (CUDA graphs on CUDA, inductor on CPUs),
+    synchronised, after compiling every width at start (the time is reported). On a CPU (``quick``) a tiny
+    random Llama only exercises the path."""
+    from aded_ray.verify.cost import measure_cost_curve
+    from aded_ray.verify.loading import random_model
+    from aded_ray.verify.modes import load_for_mode
+    from aded_ray.verify.static import StaticTreeVerifier
+
+    ks = (1, 8, 16, 64)
+    cases = [("tiny Llama shape (random)", "fp32", lambda: random_model("tiny", device=device), (1, 8, 16))] if quick \
+        else [("SmolLM2-135M (real)", "fp32", lambda: load_for_mode(None, "fp32", device), (1, 8, 16, 64)),
+              ("Llama-3-8B shape (random)", "bf16",
+               lambda: random_model("llama3-8b", dtype="bfloat16", device=device), (1, 64))]
+    rows = ["| model | dtype | widths | ctx | compile s | " + " | ".join(f"k={k}" for k in ks) + " |",
+            "|---" * (len(ks) + 5) + "|"]
+    for name, dtype, load, widths in cases:
+        try:
+            m = load()
+            t = time.time()
+            v = StaticTreeVerifier(m, widths=widths, max_len=1024, compile=True,
+                                   compile_mode="reduce-overhead" if device == "cuda" else None,
+                                   dynamic=False if device == "cuda" else None)
+            v.warm_up()                   # every width compiled (captured) in the window the curve uses
+            compile_s = time.time() - t
+            curve = measure_cost_curve(lambda: v, ks=ks, cache_len=128, reps=5 if quick else 15).to_dict()
+            rows.append(f"| {name} | {dtype} | {list(widths)} | 128 | {compile_s:.0f} | " +
+                        " | ".join(f"{curve[k]:.2f}" if k in curve else "–" for k in ks) + " |")
+            del v, m
+        except Exception as e:          # the report keeps the other rows
+            rows.append(f"| {name} | {dtype} | {list(widths)} | – | failed: {type(e).__name__}: {e} |")
+        if device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+    return rows
+
+
 def run(device: str = "auto", quick: bool | None = None, out: Path | None = None, limit: int = 12,
         max_new_tokens: int = 96) -> str:
     from aded_ray.bench.e2e import markdown, run_bench
@@ -92,7 +131,9 @@ def run(device: str = "auto", quick: bool | None = None, out: Path | None = None
         parts.append(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
                      f"CUDA {torch.version.cuda}")
     for title, fn in (("Exactness (start-up check on the loop's shapes)", _exactness_rows),
-                      ("Cost of one verification pass (ms, synchronised, median)", _cost_rows)):
+                      ("Cost of one verification pass (ms, synchronised, median)", _cost_rows),
+                      ("Cost of one compiled static-KV pass (ms, synchronised, median; a pass costs its width)",
+                       lambda device, modes, quick: _compiled_cost_rows(device, quick))):
         t = time.time()
         parts += ["", f"## {title}", ""] + fn(device, modes, quick) + ["", f"({time.time() - t:.0f} s)"]
         print("\n".join(parts), flush=True)
