@@ -36,3 +36,23 @@ def corpus_matrix(tokenizer):
     for ids in tokenizer(docs)["input_ids"]:
         c.add(ids)
     return c.matrix()
+
+
+@pytest.fixture(scope="session")
+def greedy_references(model, tokenizer):
+    """``f(prompts, new_tokens)``: (chat prompt ids, ``model.generate``'s greedy continuation) per prompt, the
+    oracle of the lossless tests."""
+    import torch
+
+    from aded_ray.bench.traces import chat_ids
+
+    def references(prompts, new_tokens: int) -> list[tuple[list[int], list[int]]]:
+        refs = []
+        for p in prompts:
+            ids = chat_ids(tokenizer, [{"role": "user", "content": p}])
+            out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+            refs.append((ids, out[0, len(ids):].tolist()))
+        return refs
+
+    return references

@@ -39,14 +39,8 @@ class CheckedVerifier(TreeVerifier):
 
 
 @pytest.fixture(scope="module")
-def references(model, tokenizer):
-    refs = []
-    for p in PROMPTS:
-        ids = chat_ids(tokenizer, [{"role": "user", "content": p}])
-        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-        refs.append((ids, out[0, len(ids):].tolist()))
-    return refs
+def references(greedy_references):
+    return greedy_references(PROMPTS, NEW)
 
 
 def stores(tokenizer, corpus_matrix, references):

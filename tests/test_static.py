@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from aded_ray.bench.traces import chat_ids
 from aded_ray.decode import FixedBudget, GenerationStats, generate_ids
 from aded_ray.draft.best import BestDrafter
 from aded_ray.draft.build import matrix_from_token_docs
@@ -23,14 +22,8 @@ NEW = 40
 
 
 @pytest.fixture(scope="module")
-def references(model, tokenizer):
-    refs = []
-    for p in PROMPTS:
-        ids = chat_ids(tokenizer, [{"role": "user", "content": p}])
-        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-        refs.append((ids, out[0, len(ids):].tolist()))
-    return refs
+def references(greedy_references):
+    return greedy_references(PROMPTS, NEW)
 
 
 def _decode(verifier, matrix, references, eos, nodes: int):

@@ -109,6 +109,22 @@ def depths(parents: np.ndarray) -> np.ndarray:
     return d
 
 
+def pass_inputs(root: int, tree: DraftTree, start: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and positions ``[width]`` of a verification pass over ``root`` and ``tree`` at committed length
+    ``start``: row 0 the root, row i + 1 node i at ``start`` + its depth; rows past the tree repeat the root
+    (padding up to a fixed width).
+
+    >>> pass_inputs(7, DraftTree(np.array([3, 4]), np.array([-1, 0])), 10, 4)
+    (array([7, 3, 4, 7]), array([10, 11, 12, 10]))
+    """
+    n = len(tree) + 1
+    tokens = np.full(width, root, np.int64)
+    tokens[1:n] = tree.tokens
+    pos = np.full(width, start, np.int64)
+    pos[1:n] += tree.depths()
+    return tokens, pos
+
+
 def ancestor_mask(parents: np.ndarray, include_root: bool = False) -> np.ndarray:
     """``[N, N] bool`` with ``mask[i, j]`` true iff j is i or an ancestor of i.
 

@@ -30,7 +30,7 @@ import weakref
 import numpy as np
 import torch
 
-from aded_ray.draft.tree import DraftTree, ancestor_mask
+from aded_ray.draft.tree import DraftTree, ancestor_mask, pass_inputs
 
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 MIN_WINDOW = 256          # the smallest key window a pass attends over
@@ -197,10 +197,7 @@ class StaticTreeVerifier:
         """Logits ``[N + 1, V]`` (float32) for root + tree; the pass's entries stay until :meth:`commit`."""
         L, n = self.length, len(tree) + 1
         w = self.width_for(n)
-        tokens = np.full(w, root, np.int64)
-        tokens[1:n] = tree.tokens
-        pos = np.full(w, L, np.int64)
-        pos[1:n] += tree.depths()
+        tokens, pos = pass_inputs(root, tree, L, w)
         block = np.eye(w, dtype=bool)
         block[:n, :n] = ancestor_mask(tree.parents, include_root=True)
         return self._pass(tokens, pos, block)[:n].float()     # its entries are pending until commit

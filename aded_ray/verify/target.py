@@ -24,7 +24,7 @@ import functools
 import numpy as np
 import torch
 
-from aded_ray.draft.tree import DraftTree, ancestor_mask
+from aded_ray.draft.tree import DraftTree, ancestor_mask, pass_inputs
 
 
 @functools.cache
@@ -131,10 +131,7 @@ class TreeVerifier:
         entries to the KV cache (N + 1, plus padding under fixed widths; :meth:`commit` drops the rest)."""
         L, n = self.length, len(tree) + 1
         w = self.width_for(n)
-        tokens = np.full(w, root, np.int64)
-        tokens[1:n] = tree.tokens
-        pos = np.full(w, L, np.int64)
-        pos[1:n] += tree.depths()
+        tokens, pos = pass_inputs(root, tree, L, w)
         x = torch.from_numpy(tokens).to(self.device)[None]
         position_ids = torch.from_numpy(pos).to(self.device)[None]
         kwargs = {}
