@@ -426,7 +426,8 @@ def _bench_compile(a) -> int:
 def _gpu_check(a) -> int:
     from aded_ray.bench.gpu_check import run
 
-    print(run(device=a.device, quick=a.quick, out=Path(a.out), limit=a.limit, max_new_tokens=a.max_new_tokens))
+    print(run(device=a.device, quick=a.quick, out=Path(a.out), limit=a.limit, max_new_tokens=a.max_new_tokens,
+              compiled=a.compiled))
     return 0
 
 
@@ -588,6 +589,8 @@ def main(argv=None) -> int:
                     help="small sizes (default on CPU)")
     gc.add_argument("--limit", type=int, default=12, help="prompts per set (MT-Bench, HumanEval)")
     gc.add_argument("--max-new-tokens", type=int, default=96)
+    gc.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                    help="the compiled static-KV sections (compiling takes minutes on a GPU)")
     gc.add_argument("--out", default="results/gpu-check")
     gc.set_defaults(fn=_gpu_check)
 

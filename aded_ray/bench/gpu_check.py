@@ -116,7 +116,7 @@ def _compiled_cost_rows(device: str, quick: bool) -> list[str]:
 
 
 def run(device: str = "auto", quick: bool | None = None, out: Path | None = None, limit: int = 12,
-        max_new_tokens: int = 96) -> str:
+        max_new_tokens: int = 96, compiled: bool = True) -> str:
     from aded_ray.bench.e2e import markdown, run_bench
     from aded_ray.config import VerifyConfig
 
@@ -130,10 +130,12 @@ def run(device: str = "auto", quick: bool | None = None, out: Path | None = None
 
         parts.append(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
                      f"CUDA {torch.version.cuda}")
-    for title, fn in (("Exactness (start-up check on the loop's shapes)", _exactness_rows),
-                      ("Cost of one verification pass (ms, synchronised, median)", _cost_rows),
-                      ("Cost of one compiled static-KV pass (ms, synchronised, median; a pass costs its width)",
-                       lambda device, modes, quick: _compiled_cost_rows(device, quick))):
+    sections = [("Exactness (start-up check on the loop's shapes)", _exactness_rows),
+                ("Cost of one verification pass (ms, synchronised, median)", _cost_rows)]
+    if compiled:
+        sections.append(("Cost of one compiled static-KV pass (ms, synchronised, median; a pass costs its width)",
+                         lambda device, modes, quick: _compiled_cost_rows(device, quick)))
+    for title, fn in sections:
         t = time.time()
         parts += ["", f"## {title}", ""] + fn(device, modes, quick) + ["", f"({time.time() - t:.0f} s)"]
         print("\n".join(parts), flush=True)
@@ -153,7 +155,7 @@ def run(device: str = "auto", quick: bool | None = None, out: Path | None = None
                         min_requests=2 if quick else 8, device=device, out_dir=out or Path("results/tmp"))
     parts += ["", "## Under concurrent load (`aded bench-load`: one at a time, batched plain, batched speculative)",
               "", load_markdown(lr), f"({time.time() - t:.0f} s)"]
-    if device == "cuda":                # CUDA graphs per width; on CPUs `aded bench-compile` is a run of its own
+    if device == "cuda" and compiled:   # CUDA graphs per width; on CPUs `aded bench-compile` is a run of its own
         t = time.time()
         parts += ["", "## Static KV cache, captured passes (`aded bench-compile`, CUDA graphs)", ""]
         try:
