@@ -413,11 +413,8 @@ def _bench_compile(a) -> int:
     from aded_ray.bench.compiled import markdown, run_bench_compile
 
     device = a.device if a.device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    from aded_ray.config import VerifyConfig
-
-    widths = a.widths or VerifyConfig(compile=True, device=device).resolved_widths()
     r = run_bench_compile(limit=a.limit, max_new_tokens=a.max_new_tokens, store=a.store, device=device,
-                          widths=widths, max_len=a.max_len, compile_mode=a.compile_mode, out_dir=a.out_dir)
+                          widths=a.widths, max_len=a.max_len, compile_mode=a.compile_mode, out_dir=a.out_dir)
     print(markdown(r))
     print(f"written: {a.out_dir}/bench-compile.md, bench-compile.json")
     return 0

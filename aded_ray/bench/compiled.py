@@ -47,10 +47,10 @@ def _verifiers(device: str, widths, max_len: int, compile_mode: str | None):
 
 
 def run_bench_compile(*, limit: int = 3, max_new_tokens: int = 96, store: str | None = None, device: str = "cpu",
-                      widths=(1, 2, 4, 8, 16), max_len: int = 2048, compile_mode: str | None = None,
+                      widths=None, max_len: int = 2048, compile_mode: str | None = None,
                       out_dir: str | Path = "results") -> dict:
     from aded_ray.bench.traces import chat_ids
-    from aded_ray.config import DraftConfig
+    from aded_ray.config import DraftConfig, VerifyConfig
     from aded_ray.data import load_prompts
     from aded_ray.decode import FixedBudget, GenerationStats, NoDraft, generate_ids
     from aded_ray.draft.matrix import TrigramMatrix
@@ -61,6 +61,7 @@ def run_bench_compile(*, limit: int = 3, max_new_tokens: int = 96, store: str | 
     from aded_ray.verify.loading import load_tokenizer
 
     tok = load_tokenizer()
+    widths = widths or VerifyConfig(compile=True, device=device).resolved_widths()   # the engine's for the device
     verifiers, compile_s = _verifiers(device, widths, max_len, compile_mode)
     eos = eos_token_ids(verifiers["static eager"].model, tok)
     path = Path(store) if store else default_store()
@@ -115,7 +116,8 @@ def run_bench_compile(*, limit: int = 3, max_new_tokens: int = 96, store: str | 
                      "draft_ms_per_step": round(1e3 * r["draft_s"] / max(r["steps"], 1), 3),
                      "verify_ms_per_step": round(1e3 * r["verify_s"] / max(r["steps"], 1), 2)})
     res = {"device": device, "widths": list(widths), "store": str(path) if path.is_file() else "empty",
-           "baseline": "fp32-packed" if device == "cpu" else "fp32 (eager)", "max_new_tokens": max_new_tokens, "prompts": len(prompts),
+           "baseline": "fp32-packed" if device == "cpu" else "fp32 (eager)", "max_new_tokens": max_new_tokens,
+           "prompts": len(prompts),
            "compile_s": round(compile_s, 1), "compile_mode": compile_mode, "pass_ms": costs, "rows": rows}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -65,9 +65,8 @@ def run_bench(*, sets=("mtbench", "humaneval", "grounded"), limit: int = 10, max
               store: str | None = None, mode: str = "auto", device: str = "auto", budgets=("auto",),
               out_dir: str | Path = "results", fast_baselines: bool = True) -> dict:
     from aded_ray.config import EngineConfig, VerifyConfig
-    from aded_ray.decode import FixedBudget
+    from aded_ray.decode import FixedBudget, NoDraft, generate_ids
     from aded_ray.draft.matrix import TrigramMatrix
-    from aded_ray.decode import NoDraft, generate_ids
     from aded_ray.engine import Chunk, Engine
     from aded_ray.verify.modes import load_for_mode
     from aded_ray.verify.target import TreeVerifier

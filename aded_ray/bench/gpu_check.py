@@ -164,7 +164,6 @@ def run(device: str = "auto", quick: bool | None = None, out: Path | None = None
 
             parts.append(compile_markdown(run_bench_compile(
                 limit=2, max_new_tokens=max_new_tokens, device="cuda", max_len=1024,
-                widths=VerifyConfig(compile=True, device="cuda").resolved_widths(),
                 compile_mode="reduce-overhead", out_dir=out or Path("results/tmp"))))
         except Exception as e:          # the report keeps the sections above
             parts.append(f"failed: {type(e).__name__}: {e}")
