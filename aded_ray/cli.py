@@ -80,7 +80,7 @@ def _bench_draft(a) -> int:
     for name, make in drafters:
         d = make()
         with tqdm(total=len(traces), desc=name, unit="trace", disable=a.json or a.quiet, file=sys.stderr) as bar:
-            results.append(replay(traces, d, name, progress=bar).summary())
+            results.append(replay(traces, d, name, progress=bar, sweep_mb=a.sweep_mb).summary())
     if a.model_loop:
         from aded_ray.bench.model_replay import model_replay
         from aded_ray.verify.loading import load_tokenizer
@@ -467,6 +467,9 @@ def main(argv=None) -> int:
                    help="also run the best drafter with the model verifying its trees (recycled logits; slow)")
     d.add_argument("--model-loop-mode", default="fp32-packed", help="exact verify mode for --model-loop")
     d.add_argument("--budgets", type=int, nargs="*", default=[30, 16, 8], help="node budgets for the best mode")
+    d.add_argument("--sweep-mb", type=float, default=0.0,
+                   help="read this many MB of other memory before every replayed step (untimed): the caches as a "
+                        "forward pass leaves them (SmolLM2 fp32: 540), so drafting times are the model loop's")
     d.add_argument("--json", action="store_true", help="one JSON object (keys mat, nodes_per_step, draft_us_p50, ...)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=_bench_draft)

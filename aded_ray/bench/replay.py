@@ -61,12 +61,17 @@ class ReplayResult:
                 "draft_us_p95": round(float(np.percentile(us, 95)), 1)}
 
 
-def replay(traces: list[dict], drafter, name: str = "drafter", progress=None, pace_ms: float = 0.0) -> ReplayResult:
+def replay(traces: list[dict], drafter, name: str = "drafter", progress=None, pace_ms: float = 0.0,
+           sweep_mb: float = 0.0) -> ReplayResult:
     """Replay ``traces`` through ``drafter`` (``observe(seq)`` then ``draft(seq)``, timed together).
 
     ``pace_ms``: every step lasts at least this long (sleeping for the rest), standing in for the model's
-    verification pass, so processes that share state see each other at the pace a real fleet would."""
+    verification pass, so processes that share state see each other at the pace a real fleet would.
+    ``sweep_mb``: before every step, read that many MB of other memory (untimed), standing in for what a
+    forward pass does to the caches (SmolLM2's fp32 weights: ~540 MB), so the drafter's times are those of
+    the model loop, not of a warm replay."""
     res = ReplayResult(name)
+    sweep = np.ones(int(sweep_mb * (1 << 20)) // 8) if sweep_mb > 0 else None
     recycle = getattr(drafter, "observe_logits", None)
     for tr in traces:
         steps0, emitted0 = res.steps, res.emitted
@@ -79,6 +84,8 @@ def replay(traces: list[dict], drafter, name: str = "drafter", progress=None, pa
         i = 0
         while i < out.shape[0]:
             ctx = seq[: p + i + 1]  # committed tokens + the step's root token out[i]
+            if sweep is not None:
+                sweep.sum()
             t0 = time.perf_counter()
             if pace_ms > 0 and res.steps:
                 rest = step_start + pace_ms / 1000 - t0
