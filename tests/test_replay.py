@@ -72,3 +72,28 @@ def test_replay_pacing_makes_every_step_last_at_least_pace_ms():
     t0 = time.perf_counter()
     r = replay([trace], FixedDrafter(DraftTree([6, 7], [-1, 0])), pace_ms=40)
     assert r.steps == 3 and time.perf_counter() - t0 >= 0.08   # steps 2 and 3 each wait out step 1, 2
+
+
+def test_replay_sweep_reads_memory_between_steps_and_changes_no_result():
+    """``sweep_mb`` (bench-draft --sweep-mb): other memory is read before every step, outside the timed
+    drafter calls, and the counts are those of a plain replay."""
+    import time
+
+    class Gaps(FixedDrafter):
+        def __init__(self, tree):
+            super().__init__(tree)
+            self.gaps, self.last = [], None
+
+        def observe(self, seq):
+            if self.last is not None:
+                self.gaps.append(time.perf_counter() - self.last)
+
+        def draft(self, seq):
+            self.last = time.perf_counter()
+            return self.tree
+
+    trace = {"prompt_ids": [0], "output_ids": [5, 6, 7, 8, 9]}
+    plain, swept = Gaps(DraftTree([6, 7], [-1, 0])), Gaps(DraftTree([6, 7], [-1, 0]))
+    a, b = replay([trace], plain), replay([trace], swept, sweep_mb=256)
+    assert (a.steps, a.emitted, a.nodes) == (b.steps, b.emitted, b.nodes) == (3, 5, 6)
+    assert min(swept.gaps) > 0.002 > max(plain.gaps)     # 256 MB take milliseconds to read; nothing takes µs
