@@ -74,26 +74,27 @@ def test_replay_pacing_makes_every_step_last_at_least_pace_ms():
     assert r.steps == 3 and time.perf_counter() - t0 >= 0.08   # steps 2 and 3 each wait out step 1, 2
 
 
-def test_replay_sweep_reads_memory_between_steps_and_changes_no_result():
-    """``sweep_mb`` (bench-draft --sweep-mb): other memory is read before every step, outside the timed
-    drafter calls, and the counts are those of a plain replay."""
-    import time
+def test_replay_sweep_reads_memory_between_steps_and_changes_no_result(monkeypatch):
+    """``sweep_mb`` (bench-draft --sweep-mb): the other memory is read once before every step, before the
+    drafter's (timed) calls, and the counts are those of a plain replay."""
+    reads = []
 
-    class Gaps(FixedDrafter):
-        def __init__(self, tree):
-            super().__init__(tree)
-            self.gaps, self.last = [], None
+    class Counted(np.ndarray):
+        def sum(self, *a, **kw):
+            reads.append(self.nbytes)
+            return super().sum(*a, **kw)
 
+    class Seen(FixedDrafter):
         def observe(self, seq):
-            if self.last is not None:
-                self.gaps.append(time.perf_counter() - self.last)
+            self.at.append(len(reads))          # reads done when the step's first drafter call starts
 
-        def draft(self, seq):
-            self.last = time.perf_counter()
-            return self.tree
-
+    zeros = np.zeros
+    monkeypatch.setattr(np, "ones", lambda n: zeros(n).view(Counted))
     trace = {"prompt_ids": [0], "output_ids": [5, 6, 7, 8, 9]}
-    plain, swept = Gaps(DraftTree([6, 7], [-1, 0])), Gaps(DraftTree([6, 7], [-1, 0]))
-    a, b = replay([trace], plain), replay([trace], swept, sweep_mb=256)
+    plain, swept = Seen(DraftTree([6, 7], [-1, 0])), Seen(DraftTree([6, 7], [-1, 0]))
+    plain.at, swept.at = [], []
+    a = replay([trace], plain)
+    assert reads == [] and plain.at == [0, 0, 0]
+    b = replay([trace], swept, sweep_mb=2)
     assert (a.steps, a.emitted, a.nodes) == (b.steps, b.emitted, b.nodes) == (3, 5, 6)
-    assert min(swept.gaps) > 0.002 > max(plain.gaps)     # 256 MB take milliseconds to read; nothing takes µs
+    assert swept.at == [1, 2, 3] and reads == [2 << 20] * 3
