@@ -125,6 +125,9 @@ def test_engine_with_compiled_passes_speculates_and_equals_generate(references):
     from aded_ray.engine import Engine
     from aded_ray.verify.static import StaticTreeVerifier
 
+    # a serving process compiles one model; this test process compiled another SmolLM2 object above, and
+    # dynamo's per-code state would then mark every size that differs as dynamic (~2x the compile time)
+    torch._dynamo.reset()
     e = Engine(EngineConfig(verify=VerifyConfig(compile=True, widths=[1, 8]), max_batch=1))   # 2 shapes: quick
     try:
         assert e.speculate and e.widths == [1, 8] and e.max_nodes == 7

@@ -114,10 +114,14 @@ class StaticTreeVerifier:
         cfg = model.config
         self.cache = StaticCache(config=cfg, max_cache_len=self.max_len)
         layer = _windowed_layer_class()
-        self.cache.layers = [layer(self.max_len) for _ in self.cache.layers]
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.cache.early_initialization(1, heads, head_dim, self.dtype, self.device)
+        # the buffers are inference tensors whoever builds the verifier (inside inference mode or not): a
+        # compiled pass guards on its inputs' dispatch keys, and a second verifier built outside inference mode
+        # recompiled every width (measured on SmolLM2: ~80 s at an engine's start-up)
+        with torch.inference_mode():
+            self.cache.layers = [layer(self.max_len) for _ in self.cache.layers]
+            self.cache.early_initialization(1, heads, head_dim, self.dtype, self.device)
         if compile and compile_mode != "reduce-overhead":
             # transformers marks the buffers as static addresses (for CUDA graphs). Without graphs that only
             # hurts: after a recompile, inductor (freezing) kept the first verifier's buffers in the graph,
@@ -137,6 +141,7 @@ class StaticTreeVerifier:
                 return w
         raise ValueError(f"a pass of {n} tokens exceeds the largest fixed width {self.widths[-1]}")
 
+    @torch.inference_mode()
     def _set_length(self, n: int) -> None:
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(n)
