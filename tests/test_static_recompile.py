@@ -11,6 +11,7 @@ def test_a_second_compiled_verifier_built_outside_inference_mode_does_not_recomp
 
     from aded_ray.verify.static import StaticTreeVerifier
 
+    torch._dynamo.reset()       # independent of what other tests compiled in this process (same code objects)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1,
