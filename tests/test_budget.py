@@ -304,3 +304,36 @@ def test_exploration_tries_a_request_that_went_plain_again():
     cold = _record(b, {1: 0.0}, n=20)
     assert [b.allot([cold], [63])[0] for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]
     assert [b.allot([cold], [0])[0] for _ in range(4)] == [0, 0, 0, 0]      # never one that may not
+
+
+def test_policy_check_runs_one_node_per_request_where_whole_steps_show_it_delivers_more():
+    cost = PassCost({1: {1: 10, 2: 11, 4: 12, 8: 14}, 4: {1: 20, 2: 22, 4: 24, 8: 30}})
+    b = AdaptiveBudget(cost, prior=0.05, draft_ms=0.0, explore_every=0, check_every=0,
+                       policy_block=8, policy_every=64, policy_probe=8, min_evidence=12)
+    code = _record(b, {1: 0.9, 3: 2.5, 5: 2.6})
+    one_rate = {"one": (6, 20.0), "model": (8, 40.0)}      # tokens, ms of a step: one node 0.3 / ms, model 0.2
+
+    def run(steps: int, batch: int = 4) -> list[str]:
+        seen = []
+        for _ in range(steps):
+            ks = b.allot([code] * batch, [63] * batch)
+            p = "one" if ks == [1] * batch and batch > 1 else "model"
+            assert p == b._step_policy[1]
+            seen.append(p)
+            tok, ms = one_rate[p]
+            b.observe_step(batch, any(ks), tok, ms)
+        return seen
+
+    first = run(200)
+    # (the first reported step starts the check) then both measured in alternating blocks of 8 steps
+    assert first[:9] == ["model"] * 9 and first[9:17] == ["one"] * 8 and first[17:25] == ["model"] * 8
+    assert first[-100:].count("one") >= 80                  # then one node, 8 steps of the model every 64
+    assert 0 < first[-100:].count("model") <= 20
+    one_rate["model"] = (12, 30.0)                                      # the model's trees now deliver 0.4 / ms
+    later = run(400)                                                    # (noticed at the model's probes)
+    assert later[-100:].count("model") >= 80
+    assert run(50, batch=1) == ["model"] * 50                           # one request: the model decides alone
+    off = AdaptiveBudget(cost, prior=0.05, draft_ms=0.0, explore_every=0, check_every=0, uniform_policy=False)
+    for _ in range(50):
+        assert off.allot([code] * 4, [63] * 4) != [1, 1, 1, 1]
+        off.observe_step(4, True, 6, 20.0)

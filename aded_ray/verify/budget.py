@@ -45,7 +45,9 @@ class AdaptiveBudget:
     def __init__(self, cost: PassCost | CostCurve, *, max_nodes: int = 63, draft_ms: float = 0.3, decay: float = 0.02,
                  explore_every: int = 16, prior: float | None = None, margin: float = 0.05, shrink: float = 4.0,
                  check_every: int = 16, realized_decay: float = 0.05, max_probe_every: int = 64,
-                 probe_weight: float = 0.25, prior_weight: float = 4.0, min_evidence: int = 12):
+                 probe_weight: float = 0.25, prior_weight: float = 4.0, min_evidence: int = 12,
+                 uniform_policy: bool = True, policy_block: int = 8, policy_every: int = 64,
+                 policy_probe: int = 8, policy_decay: float = 0.05):
         self.cost = cost if isinstance(cost, PassCost) else PassCost(cost)
         self.grid = [b for b in GRID if b <= max_nodes] or [0]
         self.draft_ms = draft_ms
@@ -69,6 +71,14 @@ class AdaptiveBudget:
         self.probe_weight = probe_weight
         self.min_evidence = min_evidence              # drafting steps at a batch size before a veto there
         self._probing = False                         # the step being chosen is a probe
+        # the policy check (allot, B >= 2): the model's allotment against one node for every request, by what
+        # whole steps under each delivered per ms, per batch-size bucket
+        self.uniform_policy = uniform_policy and len(self.grid) > 1 and self.grid[1] == 1
+        self.policy_block, self.policy_every, self.policy_probe = policy_block, policy_every, policy_probe
+        self.policy_decay = policy_decay
+        self.policy_realized: dict[int, dict[str, list]] = {}
+        self._policy_sched: dict[int, dict] = {}
+        self._step_policy: tuple[int, str] | None = None
         self.last = self.best()
 
     def request_state(self) -> RequestAcceptance:
@@ -185,6 +195,58 @@ class AdaptiveBudget:
         return a[0] / a[1] if a and a[1] > 0 else None
 
     def allot(self, reqs: list, caps: list[int]) -> list[int]:
+        """Draft nodes for each request of the next step (``reqs``: acceptance records, ``caps``: nodes each
+        may have at most), for a pass that pads nothing: the model's allotment (:meth:`allot_model`), or,
+        where whole steps showed it delivers more (:meth:`policy`, two or more requests), one node for every
+        request that may speculate."""
+        B = len(reqs)
+        policy = self.policy(B) if self.uniform_policy and B >= 2 else "model"
+        self._step_policy = (B, policy)
+        if policy == "model":
+            return self.allot_model(reqs, caps)
+        ks = [1 if int(c) > 0 else 0 for c in caps]
+        self.last = max(ks)
+        return ks
+
+    def policy(self, batch: int) -> str:
+        """Which policy the next step of ``batch`` requests follows: ``"model"`` or ``"one"`` (one node for
+        every request).
+
+        Per batch-size bucket (as :meth:`realized_rate`): blocks of ``policy_block`` steps alternate
+        between the two until each has ``min_evidence`` measured steps; then the one whose steps delivered
+        more tokens per ms (decayed sums, ``policy_decay`` per step) runs, in blocks of ``policy_every``
+        steps, each followed by ``policy_probe`` steps of the other, which keep its record current; the
+        incumbent changes when the other is ahead by ``margin``. Blocks, not single steps: a policy's first
+        step after the other's is not its typical step (requests left plain by the model catch up their
+        drafters). Measured at 16 running requests on the 2-core Xeon (closed loop, 18 rounds): one node
+        for everyone 1.10x plain decoding on the same engine (median), the model's allotment 1.03x; at 1-4
+        requests the model's trees gain far more."""
+        if not self.policy_realized:
+            return "model"                               # (only for a caller that reports its steps)
+        bucket = batch.bit_length()
+        st = self._policy_sched.setdefault(bucket, {"cur": "model", "left": self.policy_block, "inc": "model"})
+        if st["left"] > 0:
+            st["left"] -= 1
+            return st["cur"]
+        rec = self.policy_realized.get(bucket, {})
+        n = {p: rec[p][2] if p in rec else 0 for p in ("model", "one")}
+        if min(n.values()) < self.min_evidence:            # measuring both: alternate blocks
+            st["cur"] = "one" if st["cur"] == "model" else "model"
+            st["left"] = self.policy_block
+        else:
+            rate = {p: rec[p][0] / rec[p][1] for p in ("model", "one")}
+            other = "one" if st["inc"] == "model" else "model"
+            if rate[other] > (1 + self.margin) * rate[st["inc"]]:
+                st["inc"] = other
+            if st["cur"] == st["inc"]:                     # the incumbent's block ended: probe the other
+                st["cur"] = "one" if st["inc"] == "model" else "model"
+                st["left"] = self.policy_probe
+            else:
+                st["cur"], st["left"] = st["inc"], self.policy_every
+        st["left"] -= 1
+        return st["cur"]
+
+    def allot_model(self, reqs: list, caps: list[int]) -> list[int]:
         """Draft nodes for each request of the next step, for a pass that pads nothing (ragged: it costs
         what its total tokens cost): request r (acceptance record ``reqs[r]``, at most ``caps[r]`` nodes)
         gets nodes while the whole step's expected tokens per ms grow, the most promising requests first.
@@ -258,8 +320,16 @@ class AdaptiveBudget:
         much as the last few steps together, where an ordinary step weighs ``realized_decay``): probes are
         rare, and a workload that changed must be noticed within a few of them."""
         probing, self._probing = self._probing, False
+        policy, self._step_policy = self._step_policy, None
         if not (np.isfinite(ms) and ms > 0):
             return
+        if policy is not None and policy[0] == batch and self.uniform_policy and batch >= 2:
+            rec = self.policy_realized.setdefault(batch.bit_length(), {}).setdefault(policy[1], [0.0] * 3)
+            rec[0] = (1.0 - self.policy_decay) * rec[0] + tokens
+            rec[1] = (1.0 - self.policy_decay) * rec[1] + ms
+            rec[2] += 1
+            if policy[1] != "model":
+                return                            # the realized-rate check judges the model's steps only
         arm = self.realized.setdefault(batch.bit_length(), {"plain": [0.0] * 3, "draft": [0.0] * 3})[
             "draft" if drafted else "plain"]
         keep = 1.0 - (self.probe_weight if probing and drafted else self.realized_decay)
