@@ -91,7 +91,27 @@ def _run(engine, req, cancel_after=None):
     return out, text
 
 
-def test_lossless_under_load(engine):
+@pytest.mark.parametrize("policies", ["engine's budget", "both policies, switching often"])
+def test_lossless_under_load(engine, policies):
+    saved, seen = engine.budget, []
+    if policies != "engine's budget":
+        # the budget's policy check (the model's allotment against one node per request) in short blocks,
+        # so that steps of both policies run under this load
+        from aded_ray.verify.budget import AdaptiveBudget
+        b = AdaptiveBudget(engine.cost, max_nodes=engine.max_nodes, policy_block=2, policy_every=3,
+                           policy_probe=2, min_evidence=2)
+        choose = b.policy
+        b.policy = lambda batch: seen.append(choose(batch)) or seen[-1]
+        engine.budget = b
+    try:
+        _lossless_under_load(engine)
+    finally:
+        engine.budget = saved
+    if policies != "engine's budget":
+        assert seen.count("one") >= 3 and seen.count("model") >= 3, seen
+
+
+def _lossless_under_load(engine):
     alone = [_run(engine, r) for r in REQUESTS[:-1]]
     before = engine.scheduler.counters.aborted
     results, passes = {}, []
