@@ -403,7 +403,7 @@ def _bench_load(a) -> int:
 
     print(HEAD, flush=True)
     r = run_bench_load(levels=a.levels, max_new_tokens=a.max_new_tokens, min_requests=a.min_requests,
-                       store=a.store, mode=a.mode, device=a.device, out_dir=a.out_dir)
+                       store=a.store, mode=a.mode, device=a.device, out_dir=a.out_dir, compiled=a.compiled)
     print(markdown(r))
     print(f"written: {a.out_dir}/bench-load.md, bench-load.json, bench-load.png")
     return 0
@@ -568,6 +568,8 @@ def main(argv=None) -> int:
     bl.add_argument("--mode", default="auto")
     bl.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     bl.add_argument("--out-dir", default="results")
+    bl.add_argument("--compiled", action="store_true",
+                    help="also a second engine with batched passes compiled per token bucket (verify.compile)")
     bl.set_defaults(fn=_bench_load)
 
     bc = sub.add_parser("bench-compile", help="compiled static-KV passes against fp32-packed: pass costs and "

@@ -57,11 +57,13 @@ class VerifyConfig(_Strict):
     # proportionally more) or {batch: {width: ms}}; None = measure at start-up on the engine's own batched KV
     # (once per machine, model, mode and batch grid; cached in $ADED_CACHE_DIR/cost)
     cost_curve: dict[int, float] | dict[int, dict[int, float]] | None = None
-    # Compiled passes (torch.compile over a static KV cache and fixed widths; inductor with frozen weights on
-    # CPUs, CUDA graphs on GPUs): one request at a time (max_batch 1), mode fp32/bf16/fp16. Off by default:
-    # on the 2-core CPU it beats fp32-packed for a single stream, but the batched engine serves several
-    # requests per pass, which a compiled engine cannot yet (README "Compiled static passes").
+    # Compiled passes (torch.compile; inductor with frozen weights on CPUs, CUDA graphs on GPUs; mode fp32/bf16/
+    # fp16). With max_batch > 1: the batched ragged pass compiled per token bucket (`compile_tokens`: a pass
+    # of T tokens runs the graph of the smallest bucket >= T; larger passes, prefills and fused prompt chunks
+    # run eager); with max_batch 1: a static single-request KV cache and fixed `widths`. Off by default:
+    # compiling takes minutes at start-up (~25 s per bucket on the 2-core CPU); README "Compiled passes".
     compile: bool = False
+    compile_tokens: Literal["auto"] | list[int] = "auto"
 
     @model_validator(mode="after")
     def _compile_needs_plain_weights(self):
@@ -90,6 +92,17 @@ class VerifyConfig(_Strict):
             return "fp32"  # AutoTP shards nn.Linear, and compiling packs by itself: no oneDNN pre-packing
         return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
 
+
+    def resolved_compile_tokens(self) -> list[int]:
+        """Token buckets of compiled batched passes: "auto" = [1, 2, 4, 8, 16, 32] on CPUs (each costs a
+        compile at start-up; a CPU replica runs a few requests with small trees), up to 256 on CUDA."""
+        if self.compile_tokens != "auto":
+            if not self.compile_tokens or any(t < 1 or t > 4096 for t in self.compile_tokens):
+                raise ValueError(f"compile_tokens {self.compile_tokens} must be token counts in 1..4096")
+            return sorted(set(self.compile_tokens))
+        if self.resolved_device() == "cuda":
+            return [1, 2, 4, 8, 16, 32, 64, 128, 256]
+        return [1, 2, 4, 8, 16, 32]
 
     def resolved_widths(self) -> list[int]:
         if self.widths == "auto" and self.compile:   # compiled passes need fixed shapes on any device
@@ -124,8 +137,14 @@ class EngineConfig(_Strict):
     fuse_prefill: bool = True
 
     @model_validator(mode="after")
-    def _compiled_passes_run_one_request(self):
-        if self.verify.compile and self.max_batch != 1:
-            raise ValueError(f"verify.compile=True decodes one request at a time (a static single-request KV "
-                             f"cache): max_batch must be 1, got {self.max_batch}")
+    def _compiled_batched_passes_are_ragged(self):
+        if self.verify.compile and self.max_batch > 1 and self.verify.widths != "auto":
+            raise ValueError(f"verify.compile with max_batch {self.max_batch} compiles ragged passes per token "
+                             f"bucket (verify.compile_tokens): fixed widths {self.verify.widths} apply only to "
+                             "max_batch 1")
         return self
+
+    @property
+    def compiled_batched(self) -> bool:
+        """Whether passes are the batched ragged pass compiled per token bucket."""
+        return self.verify.compile and self.max_batch > 1 and self.verify.tp_size == 1

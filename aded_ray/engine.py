@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -72,7 +73,7 @@ class Engine:
         if v.threads:
             torch.set_num_threads(v.threads)
         self.device, self.mode = v.resolved_device(), v.resolved_mode()
-        self.widths = v.resolved_widths() if v.tp_size == 1 else []
+        self.widths = v.resolved_widths() if v.tp_size == 1 and not cfg.compiled_batched else []
         self.model_path = resolve_model(v.model)
         self.tokenizer = load_tokenizer(v.model)
         self.group = None
@@ -86,7 +87,7 @@ class Engine:
             self.group = TPGroup(tp_size=v.tp_size, model=v.model, dtype=dtype, device=self.device,
                                  step_timeout_s=v.step_timeout_s, bundle_offset=tp_bundle_offset)
             self.make_verifier = self.group.verifier
-        elif v.compile:
+        elif v.compile and not cfg.compiled_batched:
             from aded_ray.verify.static import StaticTreeVerifier
 
             self.model = load_for_mode(v.model, self.mode, self.device)
@@ -120,10 +121,18 @@ class Engine:
         from aded_ray.scheduler import Scheduler
         from aded_ray.verify.batch import BatchKV, SerialKV
 
+        buckets = v.resolved_compile_tokens() if cfg.compiled_batched else ()
+        compile_mode = "reduce-overhead" if self.device.startswith("cuda") else None   # CUDA graphs on a GPU
         make_kv = (lambda: SerialKV(self.make_verifier)) if (
-            self.group is not None or v.compile or cfg.max_batch == 1 and not self.widths) else (
-            lambda: BatchKV(self.model, prefill_chunk=cfg.prefill_chunk, widths=self.widths))
+            self.group is not None or v.compile and not cfg.compiled_batched or cfg.max_batch == 1 and not self.widths) else (
+            lambda: BatchKV(self.model, prefill_chunk=cfg.prefill_chunk, widths=self.widths,
+                            compile_tokens=buckets, compile_mode=compile_mode))
         kv = make_kv()
+        if buckets:
+            t0 = time.perf_counter()
+            kv.warm_up()          # compile every bucket now, not in the first requests' passes
+            log.info("compiled batched passes for token buckets %s in %.1f s", list(buckets),
+                     time.perf_counter() - t0)
         self.cost = self._pass_cost(make_kv, isinstance(kv, BatchKV)) if self.speculate else None
         # a tensor-parallel group's ranks hold one KV cache each: its requests run one at a time
         self.scheduler = Scheduler(kv, self.drafter if self.speculate else None, self._make_budget(v.budget),
@@ -163,6 +172,8 @@ class Engine:
             return PassCost(v.cost_curve if nested else {1: v.cost_curve}, self.widths)
         mode_key = self.mode if v.tp_size == 1 else f"{self.mode}-tp{v.tp_size}"
         mode_key += f"-{self.device}" + "".join(f"-w{w}" for w in self.widths) + ("-compiled" if v.compile else "")
+        if self.config.compiled_batched:
+            mode_key += "-t" + "-".join(str(t) for t in v.resolved_compile_tokens())
         if batched:
             grid = pass_grid(self.config.max_batch, self.max_nodes + 1, self.widths,
                              max_tokens=1024 if self.device.startswith("cuda") else 256)

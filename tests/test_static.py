@@ -109,8 +109,11 @@ def test_compiled_passes_are_configured_for_one_request_and_plain_weights():
     assert VerifyConfig(compile=True).resolved_mode() == "fp32"
     assert VerifyConfig(compile=True).resolved_widths() == [1, 2, 4, 8, 16]           # CPU: small trees pay
     assert VerifyConfig(compile=True, widths=[64, 1]).resolved_widths() == [1, 64]
-    with pytest.raises(ValidationError, match="max_batch must be 1, got 32"):
-        EngineConfig(verify=VerifyConfig(compile=True))
+    assert EngineConfig(verify=VerifyConfig(compile=True)).compiled_batched      # batched: per token bucket
+    assert not EngineConfig(verify=VerifyConfig(compile=True), max_batch=1).compiled_batched
+    assert VerifyConfig(compile=True).resolved_compile_tokens() == [1, 2, 4, 8, 16, 32]
+    with pytest.raises(ValidationError, match=r"fixed widths \[1, 8\] apply only to max_batch 1"):
+        EngineConfig(verify=VerifyConfig(compile=True, widths=[1, 8]))
     with pytest.raises(ValidationError, match="'fp32-packed'"):
         VerifyConfig(compile=True, mode="fp32-packed")
     with pytest.raises(ValidationError, match="tp_size is 2"):
@@ -142,7 +145,7 @@ def test_engine_with_compiled_passes_speculates_and_equals_generate(references):
         e.shutdown()
 
 
-def test_serve_args_select_compiled_passes_for_one_running_request():
+def test_serve_args_select_compiled_passes():
     from pydantic import ValidationError
 
     from aded_ray.serve.args import AppArgs
@@ -150,5 +153,5 @@ def test_serve_args_select_compiled_passes_for_one_running_request():
     cfg = AppArgs(compile=True, max_running=1).engine_config()
     assert cfg.verify.compile and cfg.max_batch == 1 and cfg.verify.resolved_widths() == [1, 2, 4, 8, 16]
     assert not AppArgs().engine_config().verify.compile
-    with pytest.raises(ValidationError, match=r"set max_running to 1 \(got 4\)"):
-        AppArgs(compile=True)
+    batched = AppArgs(compile=True).engine_config()
+    assert batched.max_batch == 4 and batched.compiled_batched

@@ -33,6 +33,7 @@ import numpy as np
 from aded_ray.data import load_prompts
 
 SYSTEMS = ("one at a time", "batched plain", "batched speculative")
+COMPILED = ("compiled plain", "compiled speculative")    # --compiled: a second engine, passes compiled per bucket
 
 
 def _requests(n: int) -> list[list[dict]]:
@@ -52,7 +53,7 @@ def _reset(engine) -> None:
 def run_level(engine, system: str, messages: list, concurrency: int, max_new_tokens: int) -> dict:
     sched = engine.scheduler
     sched.max_batch = 1 if system == "one at a time" else max(concurrency, 1)
-    speculate = system != "batched plain"
+    speculate = system not in ("batched plain", "compiled plain")
     _reset(engine)
     work: queue.SimpleQueue = queue.SimpleQueue()
     for i, m in enumerate(messages):
@@ -114,7 +115,9 @@ def _merge(parts: list[dict], offset: int) -> dict:
 
 def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min_requests: int = 8,
                    store: str | None = None, mode: str = "auto", device: str = "auto",
-                   out_dir: str | Path = "results") -> dict:
+                   out_dir: str | Path = "results", compiled: bool = False) -> dict:
+    """``compiled``: also run a second engine whose batched passes are compiled per token bucket
+    (``verify.compile``, mode fp32), plain and speculative, interleaved with the others."""
     from aded_ray.config import EngineConfig, VerifyConfig
     from aded_ray.engine import Engine
 
@@ -122,28 +125,40 @@ def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min
     out_dir.mkdir(parents=True, exist_ok=True)
     engine = Engine(EngineConfig(store=store, verify=VerifyConfig(mode=mode, device=device),
                                  max_batch=max(levels), max_waiting=4096))
-    for p in load_prompts("grounded"):              # warm-up: kernels, cost curve, the budget's estimates
-        list(engine.generate(p["messages"], max_new_tokens=max_new_tokens))
+    engines = {s: engine for s in SYSTEMS}
+    if compiled:
+        t0 = time.perf_counter()
+        cengine = Engine(EngineConfig(store=store, verify=VerifyConfig(mode="fp32", device=device, compile=True),
+                                      max_batch=max(levels), max_waiting=4096))
+        compile_s = time.perf_counter() - t0
+        engines.update({s: cengine for s in COMPILED})
+    systems = tuple(engines)
+    for e in set(engines.values()):
+        for p in load_prompts("grounded"):          # warm-up: kernels, cost curve, the budget's estimates
+            list(e.generate(p["messages"], max_new_tokens=max_new_tokens))
     res = {"device": engine.device, "mode": engine.mode, "speculation": engine.speculate,
            "max_new_tokens": max_new_tokens, "levels": []}
+    if compiled:
+        res["compiled"] = {"mode": cengine.mode, "buckets": list(cengine.scheduler.kv.compile_tokens),
+                           "engine_start_s": round(compile_s, 1)}
     for c in levels:
         msgs = _requests(max(4 * c, min_requests))
         halves = [msgs[: len(msgs) // 2], msgs[len(msgs) // 2:]]
         # two rounds, the systems interleaved in each, so a burst of load on the machine hits all three alike
-        parts = {s: [] for s in SYSTEMS}
+        parts = {s: [] for s in systems}
         for h in halves:
-            for s in SYSTEMS:
-                parts[s].append(run_level(engine, s, h, c, max_new_tokens))
-        rows = [_merge(parts[s], len(halves[0])) for s in SYSTEMS]
-        same = sum(rows[0]["outputs"].get(i) == rows[2]["outputs"].get(i) == rows[1]["outputs"].get(i)
-                   for i in range(len(msgs)))
+            for s in systems:
+                parts[s].append(run_level(engines[s], s, h, c, max_new_tokens))
+        rows = [_merge(parts[s], len(halves[0])) for s in systems]
+        same = sum(len({str(r["outputs"].get(i)) for r in rows}) == 1 for i in range(len(msgs)))
         for r in rows:
             r.pop("outputs")
         level = {"concurrency": c, "requests": len(msgs), "identical_outputs": f"{same}/{len(msgs)}",
                  "rows": rows}
         res["levels"].append(level)
         print(markdown_level(level), flush=True)
-    engine.shutdown()
+    for e in set(engines.values()):
+        e.shutdown()
     (out_dir / "bench-load.json").write_text(json.dumps(res, indent=1))
     (out_dir / "bench-load.md").write_text(markdown(res))
     plot(res, out_dir / "bench-load.png")
@@ -159,7 +174,7 @@ def markdown_level(level: dict) -> str:
     one, plain = rows["one at a time"]["tok_per_s"], rows["batched plain"]["tok_per_s"]
     steady = rows["batched plain"].get("steady_tok_per_s")
     out = []
-    for s in SYSTEMS:
+    for s in rows:
         r = rows[s]
         st = r.get("steady_tok_per_s")
         sv = f"{st / steady:.2f}x" if st and steady else "-"
@@ -172,8 +187,12 @@ def markdown_level(level: dict) -> str:
 
 def markdown(res: dict) -> str:
     lines = [f"device `{res['device']}`, mode `{res['mode']}`, {res['max_new_tokens']} new tokens per request, "
-             "greedy; identical outputs across the three systems per level: " +
+             "greedy; identical outputs across all systems per level: " +
              ", ".join(f"c={lv['concurrency']}: {lv['identical_outputs']}" for lv in res["levels"]), "", HEAD]
+    if "compiled" in res:
+        c = res["compiled"]
+        lines.insert(1, f"compiled rows: a second engine, mode `{c['mode']}`, batched passes compiled per token "
+                        f"bucket {c['buckets']} (engine start with compiling: {c['engine_start_s']} s)")
     lines += [markdown_level(lv) for lv in res["levels"]]
     return "\n".join(lines) + "\n"
 
@@ -186,7 +205,7 @@ def plot(res: dict, path: Path) -> None:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     cs = [lv["concurrency"] for lv in res["levels"]]
-    for s in SYSTEMS:
+    for s in [r["system"] for r in res["levels"][0]["rows"]]:
         rows = [next(r for r in lv["rows"] if r["system"] == s) for lv in res["levels"]]
         a1.plot(cs, [r["tok_per_s"] for r in rows], "o-", label=s)
         a2.plot(cs, [r["tpot_ms_p50"] for r in rows], "o-", label=s)

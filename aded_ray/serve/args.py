@@ -28,7 +28,8 @@ class AppArgs(BaseModel):
     mode: str = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
-    compile: bool = Field(False, description="compiled static-KV passes (one request at a time: max_running 1)")
+    compile: bool = Field(False, description="compiled passes: per token bucket for batched replicas, static-KV "
+                                            "with max_running 1 (minutes of compiling at start-up)")
     draft: DraftConfig = DraftConfig()
     budget: Literal["auto"] | int = "auto"
     max_prompt_tokens: int = Field(4096, ge=1)
@@ -67,13 +68,6 @@ class AppArgs(BaseModel):
             raise ValueError(f"max_ongoing_requests {self.max_ongoing_requests} must be at least max_running + "
                              f"max_waiting + 2 = {self.max_running + self.max_waiting + 2}, or /health would "
                              "queue behind generations")
-        return self
-
-    @model_validator(mode="after")
-    def _compile_runs_one_request(self):
-        if self.compile and self.max_running != 1:
-            raise ValueError(f"compile=True decodes one request at a time: set max_running to 1 "
-                             f"(got {self.max_running})")
         return self
 
     @property

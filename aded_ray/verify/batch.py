@@ -100,6 +100,22 @@ def _batch_layer_class():
 RAGGED = "aded_ragged"
 
 
+def ragged_attention(query, key, value, mask, p, scaling) -> torch.Tensor:
+    """Attention of a ragged pass ``p``: the packed queries ``[1, H, T, D]`` gathered per run of requests into
+    ``[b, w]``, SDPA with grouped query heads over each run's slots (``key``/``value``: the running slots'
+    views) under the padded additive ``mask`` ``[B, 1, W, K]``; the real rows, packed, ``[T, H, D]``."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q = query[0].transpose(0, 1)                                     # [T, H, D]
+    outs = []
+    for g in p.groups:           # requests of similar length: each group reads only its own keys
+        lo, hi, w, k = g.lo, g.hi, g.width, g.keys
+        out = sdpa(q[g.gather].transpose(1, 2), key[lo:hi, :, :k], value[lo:hi, :, :k],
+                   attn_mask=mask[lo:hi, :, :w, :k], scale=scaling, enable_gqa=True)
+        b, h, _, d = out.shape
+        outs.append(out.transpose(1, 2).reshape(-1, h, d)[g.real])         # its real rows, packed
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 @functools.cache
 def _register_ragged_attention() -> str:
     """Register the ``aded_ragged`` attention function with transformers. For a pass of a :class:`BatchKV`
@@ -121,15 +137,7 @@ def _register_ragged_attention() -> str:
         if not p.ragged:
             out = sdpa(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
             return out.transpose(1, 2), None                             # [B, W, H, D]
-        q = query[0].transpose(0, 1)                                     # [T, H, D]
-        outs = []
-        for g in p.groups:           # requests of similar length: each group reads only its own keys
-            lo, hi, w, k = g.lo, g.hi, g.width, g.keys
-            out = sdpa(q[g.gather].transpose(1, 2), key[lo:hi, :, :k], value[lo:hi, :, :k],
-                       attn_mask=attention_mask[lo:hi, :, :w, :k], scale=scaling, enable_gqa=True)
-            b, h, _, d = out.shape
-            outs.append(out.transpose(1, 2).reshape(-1, h, d)[g.real])         # its real rows, packed
-        return (outs[0] if len(outs) == 1 else torch.cat(outs))[None], None   # [1, T, H, D]
+        return ragged_attention(query, key, value, attention_mask, p, scaling)[None], None   # [1, T, H, D]
 
     AttentionInterface.register(RAGGED, attention)
     return RAGGED
@@ -221,9 +229,12 @@ class PrefillChunk:
 class BatchKV:
     """KV caches of up to ``slots`` requests for one model, and the passes over them."""
 
-    def __init__(self, model, prefill_chunk: int = 512, widths=(), layout: str | None = None):
+    def __init__(self, model, prefill_chunk: int = 512, widths=(), layout: str | None = None,
+                 compile_tokens=(), compile_mode: str | None = None):
         """``layout``: ``"ragged"`` or ``"padded"``; by default ragged, padded where fixed ``widths`` are
-        given (fixed shapes need every request padded to one of them)."""
+        given (fixed shapes need every request padded to one of them). ``compile_tokens`` (ragged only):
+        token buckets of compiled passes (:mod:`aded_ray.verify.compiled_batch`); a ragged decoding pass of
+        at most the largest runs compiled, padded to its bucket; ``compile_mode``: ``torch.compile``'s."""
         from transformers import DynamicCache
 
         self.model = model
@@ -236,13 +247,23 @@ class BatchKV:
             raise ValueError(f"layout must be 'ragged' or 'padded', got {layout!r}")
         if self.layout == "ragged" and self.widths:
             raise ValueError(f"the ragged layout has no fixed widths, got widths={self.widths}")
+        self.compile_tokens = tuple(sorted({int(t) for t in compile_tokens}))
+        if self.compile_tokens and (self.layout != "ragged" or self.compile_tokens[0] < 1):
+            raise ValueError(f"compile_tokens {self.compile_tokens} need the ragged layout and positive token "
+                             f"counts (layout is {self.layout!r})")
         if model.config._attn_implementation != RAGGED:
             model.set_attn_implementation(_register_ragged_attention())
+        self._compiled = None
+        if self.compile_tokens:
+            from aded_ray.verify.compiled_batch import compiled_ragged_forward
+
+            self._compiled = compiled_ragged_forward(model, compile_mode)
         self.cache = DynamicCache(config=model.config)
         layer_cls = _batch_layer_class()
         self.cache.layers = [layer_cls(self) for _ in self.cache.layers]
         self.lens = np.zeros(0, np.int64)      # committed length per slot
         self.current: _Pass | None = None
+        self.compiled_passes = 0               # passes that ran a compiled graph
 
     @property
     def fuses_prefill(self) -> bool:
@@ -300,10 +321,18 @@ class BatchKV:
         self.current = p = _Pass(first, lens, allow.shape[1], self.device, counts)
         mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(torch.from_numpy(~allow),
                                                                        torch.finfo(self.dtype).min)
+        p.mask = mask = mask.to(self.device)[:, None]
         try:
+            if counts is not None and rows is None and not last_only and self._compiled is not None:
+                from aded_ray.verify.compiled_batch import bucket_for, run_compiled
+
+                bucket = bucket_for(tokens.shape[1], self.compile_tokens)
+                if bucket is not None:
+                    self.compiled_passes += 1
+                    return run_compiled(self, self._compiled, bucket, tokens[0], positions[0])[None]
             out = self.model(input_ids=torch.from_numpy(tokens).to(self.device),
                              position_ids=torch.from_numpy(positions).to(self.device),
-                             attention_mask=mask.to(self.device)[:, None], cache=self.cache, use_cache=True,
+                             attention_mask=mask, cache=self.cache, use_cache=True,
                              aded_pass=p, logits_to_keep=1 if last_only else (
                                  0 if rows is None else torch.from_numpy(rows).to(self.device)))
         finally:
@@ -407,6 +436,19 @@ class BatchKV:
         chunk.ran = c
         chunk.logits = logits[T].float() if done else None
         return logits[:T].float()
+
+    def warm_up(self) -> None:
+        """Run a pass of every compile bucket (compiling it) on a scratch slot, then drop it: the first
+        requests do not wait for the compiler. Only before any request holds a slot."""
+        if self.used:
+            raise ValueError(f"warm_up runs before requests hold slots ({self.used} do)")
+        s = self.add_slot()
+        try:
+            self.prefill(s, [0])
+            for t in self.compile_tokens:
+                self.forward_trees([0], [DraftTree(np.zeros(t - 1, np.int32), np.arange(-1, t - 2))])
+        finally:
+            self.drop_last()
 
     @torch.inference_mode()
     def commit(self, keeps: list[list[int]]) -> None:
