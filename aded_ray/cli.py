@@ -413,6 +413,19 @@ def _bench_compile(a) -> int:
     from aded_ray.bench.compiled import markdown, run_bench_compile
 
     device = a.device if a.device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    if a.batched:
+        import json
+        from pathlib import Path
+
+        from aded_ray.bench import compiled_batch
+
+        print(compiled_batch.HEAD, flush=True)
+        r = compiled_batch.run_batched_pass_costs(tokens=tuple(a.widths or (1, 8, 16, 64)), device=device)
+        Path(a.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(a.out_dir) / "bench-compile-batched.md").write_text(compiled_batch.markdown(r))
+        (Path(a.out_dir) / "bench-compile-batched.json").write_text(json.dumps(r, indent=1))
+        print(f"compiling the buckets: {r['compile_s']} s; written: {a.out_dir}/bench-compile-batched.md, .json")
+        return 0
     r = run_bench_compile(limit=a.limit, max_new_tokens=a.max_new_tokens, store=a.store, device=device,
                           widths=a.widths, max_len=a.max_len, compile_mode=a.compile_mode, out_dir=a.out_dir)
     print(markdown(r))
@@ -583,6 +596,9 @@ def main(argv=None) -> int:
     bc.add_argument("--store", default=None)
     bc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     bc.add_argument("--out-dir", default="results")
+    bc.add_argument("--batched", action="store_true",
+                    help="instead: ms per batched ragged pass (tokens = --widths, default 1 8 16 64; 1 and 4 "
+                         "requests), fp32-packed eager against the pass compiled per token bucket")
     bc.set_defaults(fn=_bench_compile)
 
     gc = sub.add_parser("gpu-check", help="exactness, cost curves and end-to-end speed on this device (make gpu-check)")

@@ -134,6 +134,8 @@ class Engine:
             log.info("compiled batched passes for token buckets %s in %.1f s", list(buckets),
                      time.perf_counter() - t0)
         self.cost = self._pass_cost(make_kv, isinstance(kv, BatchKV)) if self.speculate else None
+        if self.cost is not None:
+            self.cost.token_buckets = tuple(buckets)
         # a tensor-parallel group's ranks hold one KV cache each: its requests run one at a time
         self.scheduler = Scheduler(kv, self.drafter if self.speculate else None, self._make_budget(v.budget),
                                    self.eos_ids, max_batch=1 if self.group is not None else cfg.max_batch,

@@ -56,3 +56,16 @@ def test_cache_is_reused_when_the_probe_agrees_and_remeasured_when_not(tmp_path)
     slow = lambda: PassCost({1: {1: 60.0}})                   # noqa: E731 - the cache was taken under load
     cached_pass_cost(measure, slow, "k", tmp_path)
     assert len(calls) == 2
+
+
+def test_a_compiled_pass_costs_its_token_bucket():
+    # measured at the bucket edges (T = batch x width); a pass between two edges runs the larger bucket's graph
+    cost = PassCost({1: {1: 30.0, 2: 32.0, 4: 36.0, 8: 44.0}, 2: {1: 33.0, 2: 37.0, 4: 45.0}})
+    assert cost(1, 3) == pytest.approx(34.0)                # eager: linear between the measured widths
+    above = cost(1, 12)
+    cost.token_buckets = (1, 2, 4, 8)
+    assert cost(1, 3) == cost(1, 4) == 36.0                  # 3 tokens: the 4-token graph
+    assert cost(1, 5) == cost(1, 8) == 44.0
+    assert cost(2, 1.5) == cost(2, 2) == 37.0                # 2 requests x 1.5 = 3 tokens: bucket 4
+    assert cost(2, 3) == cost(2, 4) == 45.0                  # 6 tokens: bucket 8
+    assert cost(1, 12) == above                              # above the largest bucket: eager, no rounding

@@ -146,8 +146,6 @@ def test_engine_with_compiled_passes_speculates_and_equals_generate(references):
 
 
 def test_serve_args_select_compiled_passes():
-    from pydantic import ValidationError
-
     from aded_ray.serve.args import AppArgs
 
     cfg = AppArgs(compile=True, max_running=1).engine_config()
@@ -155,3 +153,4 @@ def test_serve_args_select_compiled_passes():
     assert not AppArgs().engine_config().verify.compile
     batched = AppArgs(compile=True).engine_config()
     assert batched.max_batch == 4 and batched.compiled_batched
+    assert AppArgs(compile=True, compile_tokens=[8, 4]).engine_config().verify.resolved_compile_tokens() == [4, 8]

@@ -12,7 +12,8 @@ a smaller size (``--quick``), so the script is exercised by every session, lent 
    prompt lookup, aded_ray with ``auto`` and fixed budgets; tokens/s, MAT, outputs identical to plain.
 4. Under concurrent load (``aded bench-load``).
 5. On CUDA only: the static-KV verifier with CUDA graphs per width against the eager one (``aded bench-compile``;
-   never run on a GPU yet).
+   never run on a GPU yet); then the batched ragged pass compiled per token bucket against the eager one
+   (``aded bench-compile --batched``: piecewise CUDA graphs around the attention operator; never run on a GPU).
 6. (``make gpu-check`` then runs the tests marked ``gpu``.)
 """
 from __future__ import annotations
@@ -165,6 +166,18 @@ def run(device: str = "auto", quick: bool | None = None, out: Path | None = None
             parts.append(compile_markdown(run_bench_compile(
                 limit=2, max_new_tokens=max_new_tokens, device="cuda", max_len=1024,
                 compile_mode="reduce-overhead", out_dir=out or Path("results/tmp"))))
+        except Exception as e:          # the report keeps the sections above
+            parts.append(f"failed: {type(e).__name__}: {e}")
+        parts.append(f"({time.time() - t:.0f} s)")
+        print("\n".join(parts[-3:]), flush=True)
+    if device == "cuda" and compiled:   # batched ragged passes per token bucket, piecewise CUDA graphs
+        t = time.time()
+        parts += ["", "## Batched ragged passes compiled per token bucket (`aded bench-compile --batched`)", ""]
+        try:
+            from aded_ray.bench import compiled_batch
+
+            parts.append(compiled_batch.markdown(compiled_batch.run_batched_pass_costs(
+                tokens=(1, 8, 16, 64), batches=(1, 4), reps=8, device="cuda")))
         except Exception as e:          # the report keeps the sections above
             parts.append(f"failed: {type(e).__name__}: {e}")
         parts.append(f"({time.time() - t:.0f} s)")

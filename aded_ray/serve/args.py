@@ -30,6 +30,8 @@ class AppArgs(BaseModel):
     threads: int | None = Field(None, ge=1)
     compile: bool = Field(False, description="compiled passes: per token bucket for batched replicas, static-KV "
                                             "with max_running 1 (minutes of compiling at start-up)")
+    compile_tokens: Literal["auto"] | list[int] = Field("auto", description="token buckets of compiled batched "
+                                                        "passes (auto: [1, 2, 4, 8, 16, 32] on CPUs)")
     draft: DraftConfig = DraftConfig()
     budget: Literal["auto"] | int = "auto"
     max_prompt_tokens: int = Field(4096, ge=1)
@@ -92,7 +94,7 @@ class AppArgs(BaseModel):
                             max_new_tokens=self.max_new_tokens, **batch,
                             verify=VerifyConfig(model=self.model, mode=self.mode, device=self.device,
                                                 threads=self.threads, budget=self.budget, tp_size=self.tp_size,
-                                                compile=self.compile,
+                                                compile=self.compile, compile_tokens=self.compile_tokens,
                                                 step_timeout_s=self.step_timeout_s))
 
 

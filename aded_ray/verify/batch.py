@@ -18,6 +18,9 @@ A decode pass carries, for request r, its root and its tree (``n[r]`` tokens), w
 - **padded** (with fixed ``widths``, e.g. for shape-stable GPU kernels): every request contributes ``W``
   tokens (its root, its tree, then padding) and the whole model runs on ``[B, W]``.
 
+With ``compile_tokens`` a ragged decoding pass runs compiled, one graph per token bucket, its attention an
+opaque operator over the same slots (:mod:`aded_ray.verify.compiled_batch`).
+
 Both return the logits of real rows only, packed: ``[T, V]``, request r's rows from ``offsets[r]``.
 :meth:`BatchKV.commit` keeps each request's root and accepted nodes, moved right after its prefix, in one
 gather/scatter per layer. Prefill runs one request's prompt (in chunks) through its slot alone.

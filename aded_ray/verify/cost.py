@@ -88,12 +88,21 @@ class PassCost:
         self.curves = {int(b): c if isinstance(c, CostCurve) else CostCurve({int(k): v for k, v in c.items()})
                        for b, c in table.items()}
         self.widths = tuple(sorted(int(w) for w in widths))
+        # compiled batched passes (:mod:`aded_ray.verify.compiled_batch`): a pass of T = batch x width tokens
+        # costs the pass of its token bucket, so a tree that pushes a pass over a bucket's edge pays the next
+        # bucket's whole pass (set by the engine; passes above the largest bucket run eager: no rounding)
+        self.token_buckets: tuple[int, ...] = ()
 
-    def padded(self, width: int) -> int:
-        return next((w for w in self.widths if w >= width), width)
+    def padded(self, width: int, batch: int = 1) -> float:
+        """The width a pass of ``batch`` requests x ``width`` tokens really costs: the fixed width that holds
+        it, or the token bucket that holds ``batch x width`` (spread over the batch)."""
+        width = next((w for w in self.widths if w >= width), width)
+        bucket = next((b for b in self.token_buckets if b >= batch * width), None)
+        return width if bucket is None else bucket / batch
 
     def __call__(self, batch: int, width: int) -> float:
-        batch, width = max(int(batch), 1), self.padded(max(float(width), 1.0))
+        batch = max(int(batch), 1)
+        width = self.padded(max(float(width), 1.0), batch)
         bs = self.batches
         if batch >= bs[-1]:
             return self.curves[bs[-1]](width) * batch / bs[-1]
@@ -109,7 +118,7 @@ class PassCost:
         nearest measured batch size's nearest width point (shape) half as fast."""
         if not (np.isfinite(ms) and ms > 0):
             return
-        width = self.padded(max(float(width), 1.0))
+        width = self.padded(max(float(width), 1.0), max(int(batch), 1))
         ratio = ms / max(self(batch, width), 1e-9)
         for c in self.curves.values():
             c.scale(ratio ** rate)
