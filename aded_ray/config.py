@@ -72,6 +72,9 @@ class VerifyConfig(_Strict):
                              f"mode is {self.mode!r}: use fp32")
         if self.compile and self.tp_size > 1:
             raise ValueError(f"compile=True runs on one device, tp_size is {self.tp_size}")
+        if self.compile_tokens != "auto" and (not self.compile_tokens or
+                                              any(t < 1 or t > 4096 for t in self.compile_tokens)):
+            raise ValueError(f"compile_tokens {self.compile_tokens} must be one or more token counts in 1..4096")
         return self
 
     def resolved_device(self) -> str:
@@ -92,13 +95,10 @@ class VerifyConfig(_Strict):
             return "fp32"  # AutoTP shards nn.Linear, and compiling packs by itself: no oneDNN pre-packing
         return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
 
-
     def resolved_compile_tokens(self) -> list[int]:
         """Token buckets of compiled batched passes: "auto" = [1, 2, 4, 8, 16, 32] on CPUs (each costs a
         compile at start-up; a CPU replica runs a few requests with small trees), up to 256 on CUDA."""
         if self.compile_tokens != "auto":
-            if not self.compile_tokens or any(t < 1 or t > 4096 for t in self.compile_tokens):
-                raise ValueError(f"compile_tokens {self.compile_tokens} must be token counts in 1..4096")
             return sorted(set(self.compile_tokens))
         if self.resolved_device() == "cuda":
             return [1, 2, 4, 8, 16, 32, 64, 128, 256]

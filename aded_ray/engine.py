@@ -123,8 +123,9 @@ class Engine:
 
         buckets = v.resolved_compile_tokens() if cfg.compiled_batched else ()
         compile_mode = "reduce-overhead" if self.device.startswith("cuda") else None   # CUDA graphs on a GPU
-        make_kv = (lambda: SerialKV(self.make_verifier)) if (
-            self.group is not None or v.compile and not cfg.compiled_batched or cfg.max_batch == 1 and not self.widths) else (
+        serial = (self.group is not None or v.compile and not cfg.compiled_batched
+                  or cfg.max_batch == 1 and not self.widths)
+        make_kv = (lambda: SerialKV(self.make_verifier)) if serial else (
             lambda: BatchKV(self.model, prefill_chunk=cfg.prefill_chunk, widths=self.widths,
                             compile_tokens=buckets, compile_mode=compile_mode))
         kv = make_kv()

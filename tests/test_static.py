@@ -114,6 +114,8 @@ def test_compiled_passes_are_configured_for_one_request_and_plain_weights():
     assert VerifyConfig(compile=True).resolved_compile_tokens() == [1, 2, 4, 8, 16, 32]
     with pytest.raises(ValidationError, match=r"fixed widths \[1, 8\] apply only to max_batch 1"):
         EngineConfig(verify=VerifyConfig(compile=True, widths=[1, 8]))
+    with pytest.raises(ValidationError, match=r"compile_tokens \[0, 8\] must be one or more token counts"):
+        VerifyConfig(compile=True, compile_tokens=[0, 8])
     with pytest.raises(ValidationError, match="'fp32-packed'"):
         VerifyConfig(compile=True, mode="fp32-packed")
     with pytest.raises(ValidationError, match="tp_size is 2"):
