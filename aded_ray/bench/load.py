@@ -7,7 +7,9 @@ prompts, greedy, ``max_new_tokens`` each; ``max(4c, min_requests)`` of them) thr
 - ``one at a time``: the scheduler limited to one running request (the engine before batching: every other
   request waits), speculative with the ``auto`` budget;
 - ``batched plain``: continuous batching, no speculation (every step one token per request);
-- ``batched speculative``: continuous batching with speculation, the batch-aware ``auto`` budget.
+- ``batched speculative``: continuous batching with speculation, the batch-aware ``auto`` budget;
+- with ``--compiled``: ``compiled plain`` and ``compiled speculative``, the same two on an engine whose batched
+  passes are compiled per token bucket (``verify.compile``), run by a process of its own.
 
 Before each run the drafter forgets its history and adaptive state, so no run drafts from another run's
 outputs. The budget keeps what it learnt (as in a running service): it is warmed up once, before the first
@@ -144,7 +146,7 @@ def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min
     for c in levels:
         msgs = _requests(max(4 * c, min_requests))
         halves = [msgs[: len(msgs) // 2], msgs[len(msgs) // 2:]]
-        # two rounds, the systems interleaved in each, so a burst of load on the machine hits all three alike
+        # two rounds, the systems interleaved in each, so a burst of load on the machine hits all of them alike
         parts = {s: [] for s in systems}
         for h in halves:
             for s in systems:
