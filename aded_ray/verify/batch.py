@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from aded_ray.draft.tree import DraftTree, ancestor_mask
+from aded_ray.verify.compiled_batch import bucket_for, compiled_ragged_forward, run_compiled
 
 
 @functools.cache
@@ -258,8 +259,6 @@ class BatchKV:
             model.set_attn_implementation(_register_ragged_attention())
         self._compiled = None
         if self.compile_tokens:
-            from aded_ray.verify.compiled_batch import compiled_ragged_forward
-
             self._compiled = compiled_ragged_forward(model, compile_mode)
         self.cache = DynamicCache(config=model.config)
         layer_cls = _batch_layer_class()
@@ -327,8 +326,6 @@ class BatchKV:
         p.mask = mask = mask.to(self.device)[:, None]
         try:
             if counts is not None and rows is None and not last_only and self._compiled is not None:
-                from aded_ray.verify.compiled_batch import bucket_for, run_compiled
-
                 bucket = bucket_for(tokens.shape[1], self.compile_tokens)
                 if bucket is not None:
                     self.compiled_passes += 1

@@ -48,14 +48,8 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: 
         raise RuntimeError("aded::ragged_attend runs only inside a compiled BatchKV pass")
     p = kv.current
     T = p.slot_t.shape[0]                            # real rows; the rest of the bucket is padding
-    buf = kv.cache.layers[layer]
-    if not buf.is_initialized:
-        buf.lazy_initialization(key, value)
-    buf.ensure(key, p.first + p.batch, p.kv_len)
-    buf.kbuf[p.slot_t, :, p.pos_t] = key[0, :, :T].transpose(0, 1)
-    buf.vbuf[p.slot_t, :, p.pos_t] = value[0, :, :T].transpose(0, 1)
-    sl = slice(p.first, p.first + p.batch)
-    keys, values = buf.kbuf[sl, :, : p.kv_len], buf.vbuf[sl, :, : p.kv_len]
+    # the layer's own ragged write (each real row at its slot and position), then the running slots' views
+    keys, values = kv.cache.layers[layer].update(key[:, :, :T], value[:, :, :T])
     from aded_ray.verify.batch import ragged_attention
 
     out = ragged_attention(query[:, :, :T], keys, values, p.mask, p, scaling)     # [T, H, D]
