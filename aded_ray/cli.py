@@ -218,7 +218,7 @@ def _cost(a) -> int:
             group.shutdown()
             ray.shutdown()
         return 0
-    modes = a.modes or (["fp32", "fp32-packed", "bf16", "bf16-packed"] if dev == "cpu" else ["fp32", "bf16", "fp16"])
+    modes = a.modes or (["fp32", "fp32-packed", "fp32-mkl", "bf16", "bf16-packed"] if dev == "cpu" else ["fp32", "bf16", "fp16"])
     for mode in modes:
         m, why = _load_for_cost(a, mode, dev)
         if m is None:
@@ -241,22 +241,28 @@ def _cost(a) -> int:
 
 def _load_for_cost(a, mode: str, device: str):
     """The model for one row of ``aded cost`` (or None and why, when this machine cannot run the mode)."""
-    from aded_ray.verify.modes import _DTYPES, load_for_mode, pack_linears, probe_packed
+    from aded_ray.verify.modes import _DTYPES, MklPackedLinear, load_for_mode, mkl_available, pack_linears, \
+        probe_packed
 
     try:
         if not a.shape:
             return load_for_mode(a.model, mode, device), None
         from aded_ray.verify.loading import random_model
 
-        if mode.endswith("-packed"):
+        if mode.endswith("-packed") or mode == "fp32-mkl":
             if device != "cpu":
                 return None, f"mode {mode} is CPU-only"
-            probe_packed(_DTYPES[mode.split("-")[0]])
+            if mode == "fp32-mkl" and not mkl_available():
+                return None, "this torch build has no MKL"
+            if mode != "fp32-mkl":
+                probe_packed(_DTYPES[mode.split("-")[0]])
         if device == "cuda" and mode == "fp32":
             import torch
 
             torch.backends.cuda.matmul.allow_tf32 = False
         m = random_model(a.shape, dtype=_DTYPES[mode.split("-")[0]], device=device)
+        if mode == "fp32-mkl":
+            return pack_linears(m, MklPackedLinear), None
         return (pack_linears(m) if mode.endswith("-packed") else m), None
     except (ValueError, RuntimeError) as e:
         return None, str(e).splitlines()[0][:200]
@@ -403,7 +409,8 @@ def _bench_load(a) -> int:
 
     print(HEAD, flush=True)
     r = run_bench_load(levels=a.levels, max_new_tokens=a.max_new_tokens, min_requests=a.min_requests,
-                       store=a.store, mode=a.mode, device=a.device, out_dir=a.out_dir, compiled=a.compiled)
+                       store=a.store, mode=a.mode, device=a.device, out_dir=a.out_dir, compiled=a.compiled,
+                       baseline_mode=a.baseline_mode)
     print(markdown(r))
     print(f"written: {a.out_dir}/bench-load.md, bench-load.json, bench-load.png")
     return 0
@@ -509,7 +516,7 @@ def main(argv=None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--store", default=None, help="tri-gram store (default: the ShareGPT store if built)")
     g.add_argument("--model", default="smollm2")
-    g.add_argument("--mode", default="auto", help="auto | fp32 | fp32-packed | bf16 | bf16-packed | fp16")
+    g.add_argument("--mode", default="auto", help="auto | fp32 | fp32-packed | fp32-mkl | bf16 | bf16-packed | fp16")
     g.add_argument("--budget", default="auto", help="draft nodes per step: auto (cost model) or a number")
     g.add_argument("--max-nodes", type=int, default=64)
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -518,7 +525,7 @@ def main(argv=None) -> int:
 
     c = sub.add_parser("cost", help="measure ms per forward of k tokens and exactness, for each verify mode")
     c.add_argument("--modes", nargs="+", default=None,
-                   help="default: fp32 fp32-packed bf16 bf16-packed on CPU, fp32 bf16 fp16 on CUDA")
+                   help="default: fp32 fp32-packed fp32-mkl bf16 bf16-packed on CPU, fp32 bf16 fp16 on CUDA")
     c.add_argument("--model", default="smollm2")
     c.add_argument("--shape", default=None, help="a random-weight model of this shape instead (llama3-8b, tiny)")
     c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -566,7 +573,7 @@ def main(argv=None) -> int:
     e.add_argument("--limit", type=int, default=10, help="prompts per set")
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--store", default=None)
-    e.add_argument("--mode", default="auto", help="verify mode (auto: fp32-packed on CPU, fp32 on CUDA)")
+    e.add_argument("--mode", default="auto", help="verify mode (auto: fp32-mkl on CPU, fp32 on CUDA)")
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     e.add_argument("--budgets", nargs="+", default=["auto"],
                    help="aded_ray rows: 'auto' (cost model) and/or fixed node budgets, e.g. auto 8 16 64")
@@ -583,6 +590,8 @@ def main(argv=None) -> int:
     bl.add_argument("--out-dir", default="results")
     bl.add_argument("--compiled", action="store_true",
                     help="also a second engine with batched passes compiled per token bucket (verify.compile)")
+    bl.add_argument("--baseline-mode", default=None,
+                    help="also a second engine in this verify mode (plain and speculative), e.g. fp32-packed")
     bl.set_defaults(fn=_bench_load)
 
     bc = sub.add_parser("bench-compile", help="compiled static-KV passes against fp32-packed: pass costs and "

@@ -67,7 +67,7 @@ class VerifyConfig(_Strict):
 
     @model_validator(mode="after")
     def _compile_needs_plain_weights(self):
-        if self.compile and self.mode.endswith("-packed"):
+        if self.compile and (self.mode.endswith("-packed") or self.mode == "fp32-mkl"):
             raise ValueError(f"compile=True needs unpacked weights (the compiler lays them out itself), "
                              f"mode is {self.mode!r}: use fp32")
         if self.compile and self.tp_size > 1:
@@ -93,6 +93,10 @@ class VerifyConfig(_Strict):
             return "fp32"   # exact (TF32 off); fp16/bf16 must pass the start-up check to speculate
         if self.tp_size > 1 or self.compile:
             return "fp32"  # AutoTP shards nn.Linear, and compiling packs by itself: no oneDNN pre-packing
+        from aded_ray.verify.modes import mkl_available
+
+        if mkl_available():
+            return "fp32-mkl"   # MKL-packed linears: the fastest exact mode measured on CPUs (verify/modes.py)
         return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
 
     def resolved_compile_tokens(self) -> list[int]:

@@ -166,18 +166,20 @@ def test_a_loaded_prefix_is_bitwise_the_pass_it_was_saved_from(model):
         assert torch.equal(layer.vbuf[a, :, :40], layer.vbuf[b, :, :40])
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [None, "oneDNN", "MKL"])
 def test_a_prompt_chunk_riding_in_a_decoding_pass_is_its_own_prefill_bit_for_bit(model, packed):
     # chunked prefill inside the running requests' pass (the weights read once for both): the newcomer's KV
     # and first logits are those of a pass of its own, and the running requests' rows those of their pass
-    # without it: bit for bit with pre-packed linears (oneDNN computes a row the same whatever the other
-    # rows); eager fp32 (MKL) rounds by the shape of the whole pass, as any batched pass does
+    # without it: bit for bit with pre-packed linears (oneDNN's and MKL's packed kernels compute a row the
+    # same whatever the other rows); eager fp32 rounds by the shape of the whole pass, as any batched pass does
     from aded_ray.verify.batch import PrefillChunk
-    from aded_ray.verify.modes import pack_linears
+    from aded_ray.verify.modes import MklPackedLinear, PackedLinear, mkl_available, pack_linears
 
     if packed:
         import copy
-        model = pack_linears(copy.deepcopy(model))
+        if packed == "MKL" and not mkl_available():
+            pytest.skip("this torch build has no MKL")
+        model = pack_linears(copy.deepcopy(model), MklPackedLinear if packed == "MKL" else PackedLinear)
 
     def same(a, b):
         return torch.equal(a, b) if packed else (a - b).abs().max().item() < 1e-4

@@ -13,15 +13,17 @@ def engine(tmp_path_factory):
     from aded_ray.draft.matrix import TrigramMatrix
 
     TrigramMatrix.empty(49152).save(store)
-    return Engine(EngineConfig(store=str(store), verify=VerifyConfig(mode="fp32-packed", budget="auto")))
+    return Engine(EngineConfig(store=str(store), verify=VerifyConfig(budget="auto")))     # the default mode
 
 
 def ids_of(chunks):
     return [t for c in chunks for t in c.token_ids]
 
 
-def test_packed_mode_is_exact_and_speculation_is_lossless(engine):
-    assert engine.mode == "fp32-packed" and engine.exact and engine.speculate
+def test_default_mode_is_exact_and_speculation_is_lossless(engine):
+    from aded_ray.verify.modes import mkl_available
+
+    assert engine.mode == ("fp32-mkl" if mkl_available() else "fp32-packed") and engine.exact and engine.speculate
     prompt = "Rewrite this sentence in the passive voice: the cat chased the mouse around the house."
     auto = list(engine.generate(prompt, chat=True, max_new_tokens=48))          # the engine's own budget
     plain = list(engine.generate(prompt, chat=True, max_new_tokens=48, speculate=False))

@@ -29,11 +29,11 @@ def served(tmp_path_factory, corpus_matrix):
 
 @pytest.fixture(scope="module")
 def reference(served):
-    """Single-process greedy output in the same verify mode, without speculation."""
+    """Single-process greedy output in the same verify mode (the default), without speculation."""
     from aded_ray.config import EngineConfig, VerifyConfig
     from aded_ray.engine import Engine
 
-    e = Engine(EngineConfig(store=str(served["store"]), verify=VerifyConfig(mode="fp32-packed", budget=0)),
+    e = Engine(EngineConfig(store=str(served["store"]), verify=VerifyConfig(budget=0)),
                speculate=False)
     return lambda prompt, n, chat=False: "".join(c.text for c in e.generate(prompt, chat=chat, max_new_tokens=n))
 

@@ -1,10 +1,12 @@
-"""``aded bench-compile --batched``: ms per batched ragged pass, ``fp32-packed`` eager against the pass compiled
-per token bucket (:mod:`aded_ray.verify.compiled_batch`), side by side in one process.
+"""``aded bench-compile --batched``: ms per batched ragged pass, ``fp32-packed`` eager (oneDNN-packed linears) and
+``fp32-mkl`` eager (MKL-packed linears, the CPU default) against the pass compiled per token bucket
+(:mod:`aded_ray.verify.compiled_batch`), side by side in one process.
 
 For each pass size T (tokens in the pass) and each batch size B dividing it: B requests with 256-token
 prefixes of different lengths (256 + 9 r), each verifying a chain of T / B - 1 draft nodes; the two systems
 interleaved, median over ``reps`` rounds; the compiled system's buckets are exactly the sizes measured. Also
-reported: the largest difference between the two systems' logits and whether every row's argmax agrees.
+reported: the largest difference between the compiled and ``fp32-packed`` logits and whether every row's argmax
+agrees. On GPUs only ``fp32`` eager and compiled run (the packed modes are CPU-only).
 """
 from __future__ import annotations
 
@@ -21,8 +23,12 @@ def run_batched_pass_costs(*, tokens=(1, 8, 16, 64), batches=(1, 4), reps: int =
     from aded_ray.verify.modes import load_for_mode
 
     torch.manual_seed(0)
-    models = {"fp32-packed": load_for_mode(None, "fp32-packed" if device == "cpu" else "fp32", device),
-              "compiled": load_for_mode(None, "fp32", device)}
+    from aded_ray.verify.modes import mkl_available
+
+    models = {"fp32-packed": load_for_mode(None, "fp32-packed" if device == "cpu" else "fp32", device)}
+    if device == "cpu" and mkl_available():
+        models["fp32-mkl"] = load_for_mode(None, "fp32-mkl", device)
+    models["compiled"] = load_for_mode(None, "fp32", device)
     mode = "reduce-overhead" if device.startswith("cuda") else None
     rows, compile_s = [], 0.0
     for T in tokens:
@@ -55,7 +61,9 @@ def run_batched_pass_costs(*, tokens=(1, 8, 16, 64), batches=(1, 4), reps: int =
                     one(name)
                     times[name].append(1000 * (time.perf_counter() - t))
             e, c = float(np.median(times["fp32-packed"])), float(np.median(times["compiled"]))
+            mkl = float(np.median(times["fp32-mkl"])) if "fp32-mkl" in times else None
             rows.append({"tokens": T, "batch": B, "fp32_packed_ms": round(e, 1), "compiled_ms": round(c, 1),
+                         "fp32_mkl_ms": None if mkl is None else round(mkl, 1),
                          "speedup": round(e / c, 2), "max_diff": float((eager - compiled).abs().max()),
                          "argmax_equal": bool(torch.equal(eager.argmax(-1), compiled.argmax(-1))),
                          "compiled_pass": setups["compiled"][0].compiled_passes > 0})
@@ -63,12 +71,16 @@ def run_batched_pass_costs(*, tokens=(1, 8, 16, 64), batches=(1, 4), reps: int =
     return {"device": device, "rows": rows, "compile_s": round(compile_s, 1)}
 
 
-HEAD = ("| tokens per pass | requests | `fp32-packed` ms | compiled ms | speed-up | max logit diff | argmax equal |\n"
-        "|---|---|---|---|---|---|---|")
+HEAD = ("| tokens per pass | requests | `fp32-packed` ms | `fp32-mkl` ms | compiled ms | `fp32-mkl` vs `fp32-packed` | "
+        "compiled vs `fp32-packed` | compiled vs `fp32-mkl` | max logit diff | argmax equal |\n"
+        "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def markdown_row(r: dict) -> str:
-    return (f"| {r['tokens']} | {r['batch']} | {r['fp32_packed_ms']} | {r['compiled_ms']} | {r['speedup']:.2f}x | "
+    m = r.get("fp32_mkl_ms")
+    vs = (lambda a, b: f"{a / b:.2f}x" if a and b else "-")
+    return (f"| {r['tokens']} | {r['batch']} | {r['fp32_packed_ms']} | {m if m else '-'} | {r['compiled_ms']} | "
+            f"{vs(r['fp32_packed_ms'], m)} | {r['speedup']:.2f}x | {vs(m, r['compiled_ms'])} | "
             f"{r['max_diff']:.1e} | {r['argmax_equal']} |")
 
 

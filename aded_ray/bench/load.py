@@ -9,7 +9,9 @@ prompts, greedy, ``max_new_tokens`` each; ``max(4c, min_requests)`` of them) thr
 - ``batched plain``: continuous batching, no speculation (every step one token per request);
 - ``batched speculative``: continuous batching with speculation, the batch-aware ``auto`` budget;
 - with ``--compiled``: ``compiled plain`` and ``compiled speculative``, the same two on an engine whose batched
-  passes are compiled per token bucket (``verify.compile``), run by a process of its own.
+  passes are compiled per token bucket (``verify.compile``), run by a process of its own;
+- with ``--baseline-mode M``: ``batched plain [M]`` and ``batched speculative [M]``, the same two on an engine
+  in verify mode ``M`` (another weight layout, e.g. the previous default), run by a process of its own.
 
 Before each run the drafter forgets its history and adaptive state, so no run drafts from another run's
 outputs. The budget keeps what it learnt (as in a running service): it is warmed up once, before the first
@@ -38,6 +40,11 @@ SYSTEMS = ("one at a time", "batched plain", "batched speculative")
 COMPILED = ("compiled plain", "compiled speculative")    # --compiled: a second engine, passes compiled per bucket
 
 
+def baseline_systems(mode: str) -> tuple[str, str]:
+    """The two systems of ``--baseline-mode``: a second engine in another verify mode."""
+    return f"batched plain [{mode}]", f"batched speculative [{mode}]"
+
+
 def _requests(n: int) -> list[list[dict]]:
     """``n`` chat requests, MT-Bench and HumanEval prompts alternating."""
     sets = [load_prompts("mtbench"), load_prompts("humaneval")]
@@ -55,7 +62,7 @@ def _reset(engine) -> None:
 def run_level(engine, system: str, messages: list, concurrency: int, max_new_tokens: int) -> dict:
     sched = engine.scheduler
     sched.max_batch = 1 if system == "one at a time" else max(concurrency, 1)
-    speculate = system not in ("batched plain", "compiled plain")
+    speculate = "speculative" in system or system == "one at a time"
     _reset(engine)
     work: queue.SimpleQueue = queue.SimpleQueue()
     for i, m in enumerate(messages):
@@ -117,10 +124,13 @@ def _merge(parts: list[dict], offset: int) -> dict:
 
 def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min_requests: int = 8,
                    store: str | None = None, mode: str = "auto", device: str = "auto",
-                   out_dir: str | Path = "results", compiled: bool = False) -> dict:
+                   out_dir: str | Path = "results", compiled: bool = False, baseline_mode: str | None = None) -> dict:
     """``compiled``: also run a second engine whose batched passes are compiled per token bucket
-    (``verify.compile``, mode fp32), plain and speculative, interleaved with the others; it lives in a
-    process of its own (:func:`_compiled_worker`), which runs its systems' levels when asked."""
+    (``verify.compile``, mode fp32), plain and speculative, interleaved with the others; ``baseline_mode``:
+    the second engine runs that verify mode instead. It lives in a process of its own
+    (:func:`_second_engine`), which runs its systems' levels when asked."""
+    if compiled and baseline_mode:
+        raise ValueError("bench-load runs one second engine: --compiled or --baseline-mode, not both")
     from aded_ray.config import EngineConfig, VerifyConfig
     from aded_ray.engine import Engine
 
@@ -133,13 +143,16 @@ def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min
     res = {"device": engine.device, "mode": engine.mode, "speculation": engine.speculate,
            "max_new_tokens": max_new_tokens, "levels": []}
     systems, worker = SYSTEMS, None
-    if compiled:
-        worker = _CompiledWorker(store, device, max(levels), max_new_tokens)
-        res["compiled"] = worker.info
-        systems = SYSTEMS + COMPILED
+    second = ()
+    if compiled or baseline_mode:
+        verify = dict(mode="fp32", compile=True) if compiled else dict(mode=baseline_mode)
+        worker = _SecondEngine(verify, store, device, max(levels), max_new_tokens)
+        res["compiled" if compiled else "baseline"] = worker.info
+        second = COMPILED if compiled else baseline_systems(baseline_mode)
+        systems = SYSTEMS + second
 
     def run(system, msgs, c):
-        if system in COMPILED:
+        if system in second:
             return worker.run_level(system, msgs, c)
         return run_level(engine, system, msgs, c, max_new_tokens)
 
@@ -168,16 +181,16 @@ def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min
     return res
 
 
-def _compiled_worker(conn, store, device: str, max_batch: int, max_new_tokens: int) -> None:
-    """The compiled engine of ``--compiled``, in a process of its own: two engines in one process slow each
-    other's passes by ~45% even when one is idle (each scheduler thread keeps an OpenMP pool; past the core
+def _second_engine(conn, verify: dict, store, device: str, max_batch: int, max_new_tokens: int) -> None:
+    """The second engine (``--compiled``, ``--baseline-mode``), in a process of its own: two engines in one
+    process slow each other's passes by ~45% even when one is idle (each scheduler thread keeps an OpenMP pool; past the core
     count libgomp stops spinning between parallel regions; measured on the 2-core Xeon: 44 -> 64 ms per plain
     step with a second, idle engine in the process)."""
     from aded_ray.config import EngineConfig, VerifyConfig
     from aded_ray.engine import Engine
 
     t0 = time.perf_counter()
-    engine = Engine(EngineConfig(store=store, verify=VerifyConfig(mode="fp32", device=device, compile=True),
+    engine = Engine(EngineConfig(store=store, verify=VerifyConfig(device=device, **verify),
                                  max_batch=max_batch, max_waiting=4096))
     info = {"mode": engine.mode, "buckets": list(engine.scheduler.kv.compile_tokens),
             "engine_start_s": round(time.perf_counter() - t0, 1)}
@@ -190,14 +203,14 @@ def _compiled_worker(conn, store, device: str, max_batch: int, max_new_tokens: i
     engine.shutdown()
 
 
-class _CompiledWorker:
-    def __init__(self, store, device: str, max_batch: int, max_new_tokens: int):
+class _SecondEngine:
+    def __init__(self, verify: dict, store, device: str, max_batch: int, max_new_tokens: int):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_compiled_worker, args=(child, store, device, max_batch, max_new_tokens),
-                                daemon=True)
+        self.proc = ctx.Process(target=_second_engine,
+                                args=(child, verify, store, device, max_batch, max_new_tokens), daemon=True)
         self.proc.start()
         self.info = self.conn.recv()
 
@@ -238,6 +251,9 @@ def markdown(res: dict) -> str:
         c = res["compiled"]
         lines.insert(1, f"compiled rows: a second engine in its own process, mode `{c['mode']}`, batched passes compiled per token "
                         f"bucket {c['buckets']} (engine start with compiling: {c['engine_start_s']} s)")
+    if "baseline" in res:
+        lines.insert(1, f"`[{res['baseline']['mode']}]` rows: a second engine in its own process, verify mode "
+                        f"`{res['baseline']['mode']}`")
     lines += [markdown_level(lv) for lv in res["levels"]]
     return "\n".join(lines) + "\n"
 

@@ -200,13 +200,17 @@ class AdaptiveBudget:
         where whole steps showed it delivers more (:meth:`policy`, two or more requests), one node for every
         request that may speculate."""
         B = len(reqs)
-        policy = self.policy(B) if self.uniform_policy and B >= 2 else "model"
+        policy = self.policy(B) if self._policy_checked(B) else "model"
         self._step_policy = (B, policy)
         if policy == "model":
             return self.allot_model(reqs, caps)
         ks = [1 if int(c) > 0 else 0 for c in caps]
         self.last = max(ks)
         return ks
+
+    def _policy_checked(self, batch: int) -> bool:
+        """Whether steps of ``batch`` requests choose between the two policies (:meth:`policy`) at all."""
+        return self.uniform_policy and batch >= 2
 
     def policy(self, batch: int) -> str:
         """Which policy the next step of ``batch`` requests follows: ``"model"`` or ``"one"`` (one node for
@@ -323,7 +327,7 @@ class AdaptiveBudget:
         policy, self._step_policy = self._step_policy, None
         if not (np.isfinite(ms) and ms > 0):
             return
-        if policy is not None and policy[0] == batch and self.uniform_policy and batch >= 2:
+        if policy is not None and policy[0] == batch and self._policy_checked(batch):
             rec = self.policy_realized.setdefault(batch.bit_length(), {}).setdefault(policy[1], [0.0] * 3)
             rec[0] = (1.0 - self.policy_decay) * rec[0] + tokens
             rec[1] = (1.0 - self.policy_decay) * rec[1] + ms

@@ -21,7 +21,7 @@ import torch
 
 from aded_ray.draft.tree import DraftTree
 
-TOLERANCE = {"fp32": 1e-3, "fp32-packed": 1e-3, "bf16": 0.0, "bf16-packed": 0.0, "fp16": 0.0}
+TOLERANCE = {"fp32": 1e-3, "fp32-packed": 1e-3, "fp32-mkl": 1e-3, "bf16": 0.0, "bf16-packed": 0.0, "fp16": 0.0}
 
 
 @dataclass

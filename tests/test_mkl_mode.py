@@ -1,0 +1,109 @@
+"""``fp32-mkl``, the CPU default: linears packed once by MKL's sgemm. A packed linear is the linear (literal
+weights and inputs against ``F.linear``), a row's result does not depend on how many rows share the call
+(SmolLM2's linear shapes, random weights), the mode is the default where torch has MKL and refuses what it
+cannot run, and an engine in it decodes under load what each request decodes alone, greedy outputs equal to
+``model.generate`` (the real SmolLM2)."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from aded_ray.verify.modes import MklPackedLinear, mkl_available
+
+pytestmark = pytest.mark.skipif(not mkl_available(), reason="this torch build has no MKL")
+
+
+def _sibling(name: str):
+    """A module of this directory (pytest imports tests with importlib, so they are not on the path)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"_mkl_mode_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_packed_linear_is_the_linear_on_literal_values():
+    lin = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]]))
+        lin.bias.copy_(torch.tensor([0.25, -4.0]))
+    packed = MklPackedLinear(lin)
+    x = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, -1.0]])
+    # [1+2+3+0.25, -1+0.5-4], [2-3+0.25, -2-4]
+    assert packed(x).tolist() == [[6.25, -4.5], [-0.75, -6.0]]
+    assert packed(x[None]).shape == (1, 2, 2) and packed(x[None])[0].tolist() == packed(x).tolist()   # [B, T, K]
+    assert packed(x[:1]).tolist() == [[6.25, -4.5]]                                                  # a lone row
+    assert not hasattr(packed, "weight") and packed._stand_in.stride() == (0, 0)   # no second copy of the weight
+
+
+@pytest.mark.parametrize("n_out,n_in", [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 576)])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(n_out, n_in):
+    # SmolLM2's projections (q/o, k/v, gate/up, down; a slice of the LM head): every row of a call of 1 to 40
+    # rows, at several offsets, is bit for bit that row of one 64-row call. oneDNN's packed down_proj is not
+    # (a lone row takes another kernel), nor is a pack made for one row (so the pack is made for 64)
+    torch.manual_seed(n_out + n_in)
+    lin = torch.nn.Linear(n_in, n_out, bias=False)
+    packed = MklPackedLinear(lin)
+    x = torch.randn(64, n_in)
+    with torch.no_grad():
+        full = packed(x)
+        np.testing.assert_allclose(full.numpy(), lin(x).numpy(), atol=1e-4)
+        for rows in list(range(1, 18)) + [31, 32, 33, 40]:
+            for start in (0, 3, 64 - rows):
+                assert torch.equal(packed(x[start:start + rows].contiguous()), full[start:start + rows]), (rows, start)
+
+
+def test_fp32_mkl_is_the_cpu_default_and_refuses_what_it_cannot_run():
+    from aded_ray.config import VerifyConfig
+    from aded_ray.verify.modes import load_for_mode
+
+    assert VerifyConfig(device="cpu").resolved_mode() == "fp32-mkl"
+    assert VerifyConfig(device="cpu", compile=True).resolved_mode() == "fp32"     # the compiler packs by itself
+    with pytest.raises(ValueError, match="fp32-mkl"):
+        VerifyConfig(mode="fp32-mkl", compile=True)
+    with pytest.raises(ValueError, match="'fp32-mkl' is CPU-only"):
+        load_for_mode(None, "fp32-mkl", "cuda")
+    with pytest.raises(ValueError, match="packs fp32 weights"):
+        MklPackedLinear(torch.nn.Linear(4, 4).to(torch.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def mkl_engine(corpus_matrix, tmp_path_factory):
+    from aded_ray.config import EngineConfig, VerifyConfig
+    from aded_ray.engine import Engine
+
+    store = tmp_path_factory.mktemp("mkl") / "store.tri"
+    corpus_matrix.save(store)
+    e = Engine(EngineConfig(store=str(store), max_batch=8, verify=VerifyConfig(budget=16)))
+    yield e
+    e.shutdown()
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_engine_in_the_default_mode_is_lossless_under_load(mkl_engine):
+    assert mkl_engine.mode == "fp32-mkl" and mkl_engine.exact and mkl_engine.speculate
+    # every request under load = the same request alone (greedy, sampled, stop string, cancellation)
+    _sibling("test_batch")._lossless_under_load(mkl_engine)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_engine_in_the_default_mode_equals_generate(mkl_engine, greedy_references):
+    static = _sibling("test_static")
+    refs = greedy_references(static.PROMPTS, static.NEW)
+    outs, drafted = {}, []
+
+    def go(i):
+        chunks = list(mkl_engine.generate(refs[i][0], max_new_tokens=static.NEW))
+        outs[i] = [t for c in chunks for t in c.token_ids]
+        drafted.append(chunks[-1].stats.draft_tokens)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(refs))]
+    [t.start() for t in threads]
+    [t.join(600) for t in threads]
+    assert [outs[i] for i in range(len(refs))] == [r for _, r in refs]
+    assert sum(drafted) > 0
