@@ -57,19 +57,19 @@ class VerifyConfig(_Strict):
     # proportionally more) or {batch: {width: ms}}; None = measure at start-up on the engine's own batched KV
     # (once per machine, model, mode and batch grid; cached in $ADED_CACHE_DIR/cost)
     cost_curve: dict[int, float] | dict[int, dict[int, float]] | None = None
-    # Compiled passes (torch.compile; inductor with frozen weights on CPUs, CUDA graphs on GPUs; mode fp32/bf16/
-    # fp16). With max_batch > 1: the batched ragged pass compiled per token bucket (`compile_tokens`: a pass
-    # of T tokens runs the graph of the smallest bucket >= T; larger passes, prefills and fused prompt chunks
-    # run eager); with max_batch 1: a static single-request KV cache and fixed `widths`. Off by default:
+    # Compiled passes (torch.compile; inductor with frozen weights on CPUs, calling fp32-mkl's packed linears
+    # where torch has MKL; CUDA graphs on GPUs; mode fp32-mkl/fp32/bf16/fp16). With max_batch > 1: the batched
+    # ragged pass compiled per token bucket (`compile_tokens`: a pass of T tokens runs the graph of the
+    # smallest bucket >= T; larger passes, prefills and fused prompt chunks run eager); with max_batch 1: a static single-request KV cache and fixed `widths`. Off by default:
     # compiling takes minutes at start-up (~25 s per bucket on the 2-core CPU); README "Compiled passes".
     compile: bool = False
     compile_tokens: Literal["auto"] | list[int] = "auto"
 
     @model_validator(mode="after")
     def _compile_needs_plain_weights(self):
-        if self.compile and (self.mode.endswith("-packed") or self.mode == "fp32-mkl"):
-            raise ValueError(f"compile=True needs unpacked weights (the compiler lays them out itself), "
-                             f"mode is {self.mode!r}: use fp32")
+        if self.compile and self.mode.endswith("-packed"):
+            raise ValueError(f"compile=True needs fp32 or fp32-mkl weights (the compiler cannot see into oneDNN's "
+                             f"packing), mode is {self.mode!r}")
         if self.compile and self.tp_size > 1:
             raise ValueError(f"compile=True runs on one device, tp_size is {self.tp_size}")
         if self.compile_tokens != "auto" and (not self.compile_tokens or
@@ -91,12 +91,16 @@ class VerifyConfig(_Strict):
 
         if self.resolved_device() == "cuda":
             return "fp32"   # exact (TF32 off); fp16/bf16 must pass the start-up check to speculate
-        if self.tp_size > 1 or self.compile:
-            return "fp32"  # AutoTP shards nn.Linear, and compiling packs by itself: no oneDNN pre-packing
+        if self.tp_size > 1:
+            return "fp32"  # AutoTP shards nn.Linear: no pre-packing
         from aded_ray.verify.modes import mkl_available
 
         if mkl_available():
-            return "fp32-mkl"   # MKL-packed linears: the fastest exact mode measured on CPUs (verify/modes.py)
+            # MKL-packed linears: the fastest exact mode measured on CPUs (verify/modes.py); compiled graphs
+            # call the same packed weights (one copy for the eager passes and every compiled shape)
+            return "fp32-mkl"
+        if self.compile:
+            return "fp32"  # the compiler packs by itself (a copy per compiled shape)
         return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
 
     def resolved_compile_tokens(self) -> list[int]:

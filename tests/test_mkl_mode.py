@@ -36,7 +36,7 @@ def test_packed_linear_is_the_linear_on_literal_values():
     assert packed(x).tolist() == [[6.25, -4.5], [-0.75, -6.0]]
     assert packed(x[None]).shape == (1, 2, 2) and packed(x[None])[0].tolist() == packed(x).tolist()   # [B, T, K]
     assert packed(x[:1]).tolist() == [[6.25, -4.5]]                                                  # a lone row
-    assert not hasattr(packed, "weight") and packed._stand_in.stride() == (0, 0)   # no second copy of the weight
+    assert not hasattr(packed, "weight") and packed.stand_in.shape == (2, 3)   # a stand-in, never read
 
 
 @pytest.mark.parametrize("n_out,n_in", [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 576)])
@@ -61,9 +61,10 @@ def test_fp32_mkl_is_the_cpu_default_and_refuses_what_it_cannot_run():
     from aded_ray.verify.modes import load_for_mode
 
     assert VerifyConfig(device="cpu").resolved_mode() == "fp32-mkl"
-    assert VerifyConfig(device="cpu", compile=True).resolved_mode() == "fp32"     # the compiler packs by itself
-    with pytest.raises(ValueError, match="fp32-mkl"):
-        VerifyConfig(mode="fp32-mkl", compile=True)
+    assert VerifyConfig(device="cpu", compile=True).resolved_mode() == "fp32-mkl"   # graphs call its packed weights
+    assert VerifyConfig(device="cpu", tp_size=2).resolved_mode() == "fp32"        # AutoTP shards nn.Linear
+    with pytest.raises(ValueError, match="'fp32-packed'"):
+        VerifyConfig(mode="fp32-packed", compile=True)
     with pytest.raises(ValueError, match="'fp32-mkl' is CPU-only"):
         load_for_mode(None, "fp32-mkl", "cuda")
     with pytest.raises(ValueError, match="packs fp32 weights"):

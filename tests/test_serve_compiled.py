@@ -1,6 +1,6 @@
 """A Serve replica with compiled batched passes (`compile: true`, one token bucket to keep the compile short), as
 `make serve` would run it with that switch: concurrent greedy HTTP requests equal single-process plain
-decoding by the same model in the same mode (fp32)."""
+decoding by the same model in the same mode (the mode compiling resolves to: fp32-mkl where torch has MKL)."""
 import concurrent.futures as cf
 
 import pytest
@@ -38,7 +38,8 @@ def test_compiled_replica_serves_concurrent_requests_exactly(served):
 
     with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
         bodies = list(pool.map(ask, PROMPTS))
-    e = Engine(EngineConfig(store=str(served["store"]), verify=VerifyConfig(mode="fp32", budget=0)), speculate=False)
+    mode = VerifyConfig(compile=True).resolved_mode()
+    e = Engine(EngineConfig(store=str(served["store"]), verify=VerifyConfig(mode=mode, budget=0)), speculate=False)
     try:
         for prompt, body in zip(PROMPTS, bodies):
             want = "".join(c.text for c in e.generate(prompt, chat=False, max_new_tokens=40))

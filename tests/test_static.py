@@ -101,12 +101,14 @@ def test_compiled_pass_is_token_identical_to_the_eager_pass(model, tokenizer, co
         assert _decode(compiled, matrix, references, eos, nodes)[0] == want
 
 
-def test_compiled_passes_are_configured_for_one_request_and_plain_weights():
+def test_compiled_passes_are_configured_for_one_request_and_weights_the_compiler_can_call():
     from pydantic import ValidationError
 
     from aded_ray.config import EngineConfig, VerifyConfig
+    from aded_ray.verify.modes import mkl_available
 
-    assert VerifyConfig(compile=True).resolved_mode() == "fp32"
+    # the graphs call fp32-mkl's packed linears (one copy of the weights for every shape), else plain fp32
+    assert VerifyConfig(compile=True).resolved_mode() == ("fp32-mkl" if mkl_available() else "fp32")
     assert VerifyConfig(compile=True).resolved_widths() == [1, 2, 4, 8, 16]           # CPU: small trees pay
     assert VerifyConfig(compile=True, widths=[64, 1]).resolved_widths() == [1, 64]
     assert EngineConfig(verify=VerifyConfig(compile=True)).compiled_batched      # batched: per token bucket

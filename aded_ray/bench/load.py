@@ -126,7 +126,7 @@ def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min
                    store: str | None = None, mode: str = "auto", device: str = "auto",
                    out_dir: str | Path = "results", compiled: bool = False, baseline_mode: str | None = None) -> dict:
     """``compiled``: also run a second engine whose batched passes are compiled per token bucket
-    (``verify.compile``, mode fp32), plain and speculative, interleaved with the others; ``baseline_mode``:
+    (``verify.compile``, the default mode), plain and speculative, interleaved with the others; ``baseline_mode``:
     the second engine runs that verify mode instead. It lives in a process of its own
     (:func:`_second_engine`), which runs its systems' levels when asked."""
     if compiled and baseline_mode:
@@ -141,11 +141,11 @@ def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min
     for p in load_prompts("grounded"):              # warm-up: kernels, cost curve, the budget's estimates
         list(engine.generate(p["messages"], max_new_tokens=max_new_tokens))
     res = {"device": engine.device, "mode": engine.mode, "speculation": engine.speculate,
-           "max_new_tokens": max_new_tokens, "levels": []}
+           "max_new_tokens": max_new_tokens, "rss_mb": _rss_mb(), "levels": []}
     systems, worker = SYSTEMS, None
     second = ()
     if compiled or baseline_mode:
-        verify = dict(mode="fp32", compile=True) if compiled else dict(mode=baseline_mode)
+        verify = dict(compile=True) if compiled else dict(mode=baseline_mode)
         worker = _SecondEngine(verify, store, device, max(levels), max_new_tokens)
         res["compiled" if compiled else "baseline"] = worker.info
         second = COMPILED if compiled else baseline_systems(baseline_mode)
@@ -181,6 +181,14 @@ def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min
     return res
 
 
+def _rss_mb() -> int:
+    """This process's resident memory (Linux; 0 elsewhere)."""
+    try:
+        return int(int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20)
+    except OSError:
+        return 0
+
+
 def _second_engine(conn, verify: dict, store, device: str, max_batch: int, max_new_tokens: int) -> None:
     """The second engine (``--compiled``, ``--baseline-mode``), in a process of its own: two engines in one
     process slow each other's passes by ~45% even when one is idle (each scheduler thread keeps an OpenMP pool; past the core
@@ -193,7 +201,7 @@ def _second_engine(conn, verify: dict, store, device: str, max_batch: int, max_n
     engine = Engine(EngineConfig(store=store, verify=VerifyConfig(device=device, **verify),
                                  max_batch=max_batch, max_waiting=4096))
     info = {"mode": engine.mode, "buckets": list(engine.scheduler.kv.compile_tokens),
-            "engine_start_s": round(time.perf_counter() - t0, 1)}
+            "engine_start_s": round(time.perf_counter() - t0, 1), "rss_mb": _rss_mb()}
     for p in load_prompts("grounded"):
         list(engine.generate(p["messages"], max_new_tokens=max_new_tokens))
     conn.send(info)
@@ -250,7 +258,8 @@ def markdown(res: dict) -> str:
     if "compiled" in res:
         c = res["compiled"]
         lines.insert(1, f"compiled rows: a second engine in its own process, mode `{c['mode']}`, batched passes compiled per token "
-                        f"bucket {c['buckets']} (engine start with compiling: {c['engine_start_s']} s)")
+                        f"bucket {c['buckets']} (engine start with compiling: {c['engine_start_s']} s, RSS after it "
+                        f"{c.get('rss_mb', '?')} MB)")
     if "baseline" in res:
         lines.insert(1, f"`[{res['baseline']['mode']}]` rows: a second engine in its own process, verify mode "
                         f"`{res['baseline']['mode']}`")

@@ -57,8 +57,8 @@ class MklPackedLinear(torch.nn.Module):
     """An ``nn.Linear`` whose weight is packed once by MKL's ``cblas_sgemm_pack`` (fp32, CPU inference only).
 
     ``mkl._mkl_linear`` takes the unpacked weight too, only to fall back to a plain linear when the call's row
-    count differs from the one it is told; it is told the real count, so it gets a zero-size stand-in (a
-    stride-0 view: no memory) and the module holds no second copy of the weight."""
+    count differs from the one it is told; it is told the real count, so it gets a stand-in of the weight's
+    shape, and the module holds no second copy of the weight."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -71,11 +71,13 @@ class MklPackedLinear(torch.nn.Module):
             self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(),
                                  persistent=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._stand_in = torch.zeros((), dtype=torch.float32).expand(self.out_features, self.in_features)
+        # never read (see above); allocated, never written: its pages are not resident. A real [out, in]
+        # tensor, not a stride-0 view: a compiled graph would materialise a view into a buffer on every call
+        self.register_buffer("stand_in", torch.empty(self.out_features, self.in_features), persistent=False)
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
-        y = torch.ops.mkl._mkl_linear(rows, self.packed, self._stand_in, self.bias, rows.shape[0])
+        y = torch.ops.mkl._mkl_linear(rows, self.packed, self.stand_in, self.bias, rows.shape[0])
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
