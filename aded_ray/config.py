@@ -62,15 +62,18 @@ class VerifyConfig(_Strict):
     # ragged pass compiled per token bucket (`compile_tokens`: a pass of T tokens runs the graph of the
     # smallest bucket >= T; larger passes, prefills and fused prompt chunks run eager); with max_batch 1: a static single-request KV cache and fixed `widths`. Off by default:
     # compiling takes minutes at start-up (~25 s per bucket on the 2-core CPU); README "Compiled passes".
-    compile: bool = False
+    # "auto": the batched pass compiled on CPUs where the mode is fp32-mkl (measured faster at every
+    # concurrency, README "Compiled batched passes"), max_batch > 1 and tp_size 1; never on CUDA until a GPU
+    # run measures it (`make gpu-check`). The deployment (deployments/aded.yaml) sets it.
+    compile: Literal["auto"] | bool = False
     compile_tokens: Literal["auto"] | list[int] = "auto"
 
     @model_validator(mode="after")
     def _compile_needs_plain_weights(self):
-        if self.compile and self.mode.endswith("-packed"):
+        if self.compile is True and self.mode.endswith("-packed"):
             raise ValueError(f"compile=True needs fp32 or fp32-mkl weights (the compiler cannot see into oneDNN's "
                              f"packing), mode is {self.mode!r}")
-        if self.compile and self.tp_size > 1:
+        if self.compile is True and self.tp_size > 1:
             raise ValueError(f"compile=True runs on one device, tp_size is {self.tp_size}")
         if self.compile_tokens != "auto" and (not self.compile_tokens or
                                               any(t < 1 or t > 4096 for t in self.compile_tokens)):
@@ -99,7 +102,7 @@ class VerifyConfig(_Strict):
             # MKL-packed linears: the fastest exact mode measured on CPUs (verify/modes.py); compiled graphs
             # call the same packed weights (one copy for the eager passes and every compiled shape)
             return "fp32-mkl"
-        if self.compile:
+        if self.compile is True:
             return "fp32"  # the compiler packs by itself (a copy per compiled shape)
         return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
 
@@ -113,7 +116,7 @@ class VerifyConfig(_Strict):
         return [1, 2, 4, 8, 16, 32]
 
     def resolved_widths(self) -> list[int]:
-        if self.widths == "auto" and self.compile:   # compiled passes need fixed shapes on any device
+        if self.widths == "auto" and self.compile is True:   # compiled passes need fixed shapes on any device
             # a GPU pass costs about the same for 1 and 64 tokens; a CPU pass grows with its width, so small
             # trees need small widths (measured, `aded bench-compile`: with [1, 8, 16, 64] a 2-token tree
             # paid the 8-token pass and the budget stopped drafting; with [1, 2, 4, 8, 16] it drafts and
@@ -146,7 +149,7 @@ class EngineConfig(_Strict):
 
     @model_validator(mode="after")
     def _compiled_batched_passes_are_ragged(self):
-        if self.verify.compile and self.max_batch > 1 and self.verify.widths != "auto":
+        if self.verify.compile is True and self.max_batch > 1 and self.verify.widths != "auto":
             raise ValueError(f"verify.compile with max_batch {self.max_batch} compiles ragged passes per token "
                              f"bucket (verify.compile_tokens): fixed widths {self.verify.widths} apply only to "
                              "max_batch 1")
@@ -154,5 +157,15 @@ class EngineConfig(_Strict):
 
     @property
     def compiled_batched(self) -> bool:
-        """Whether passes are the batched ragged pass compiled per token bucket."""
-        return self.verify.compile and self.max_batch > 1 and self.verify.tp_size == 1
+        """Whether passes are the batched ragged pass compiled per token bucket (``compile: auto`` resolved:
+        on CPUs in mode fp32-mkl only)."""
+        v = self.verify
+        if self.max_batch <= 1 or v.tp_size != 1 or v.compile is False:
+            return False
+        return v.compile is True or (v.resolved_device() == "cpu" and v.resolved_mode() == "fp32-mkl")
+
+    @property
+    def compiled_static(self) -> bool:
+        """Whether passes are the single-request static-KV pass compiled per width (explicit ``compile: true``
+        with ``max_batch`` 1)."""
+        return self.verify.compile is True and self.max_batch == 1 and self.verify.tp_size == 1

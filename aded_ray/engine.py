@@ -87,7 +87,7 @@ class Engine:
             self.group = TPGroup(tp_size=v.tp_size, model=v.model, dtype=dtype, device=self.device,
                                  step_timeout_s=v.step_timeout_s, bundle_offset=tp_bundle_offset)
             self.make_verifier = self.group.verifier
-        elif v.compile and not cfg.compiled_batched:
+        elif cfg.compiled_static:
             from aded_ray.verify.static import StaticTreeVerifier
 
             self.model = load_for_mode(v.model, self.mode, self.device)
@@ -123,7 +123,7 @@ class Engine:
 
         buckets = v.resolved_compile_tokens() if cfg.compiled_batched else ()
         compile_mode = "reduce-overhead" if self.device.startswith("cuda") else None   # CUDA graphs on a GPU
-        serial = (self.group is not None or v.compile and not cfg.compiled_batched
+        serial = (self.group is not None or cfg.compiled_static
                   or cfg.max_batch == 1 and not self.widths)
         make_kv = (lambda: SerialKV(self.make_verifier)) if serial else (
             lambda: BatchKV(self.model, prefill_chunk=cfg.prefill_chunk, widths=self.widths,
@@ -174,7 +174,8 @@ class Engine:
             nested = all(isinstance(x, dict) for x in v.cost_curve.values())
             return PassCost(v.cost_curve if nested else {1: v.cost_curve}, self.widths)
         mode_key = self.mode if v.tp_size == 1 else f"{self.mode}-tp{v.tp_size}"
-        mode_key += f"-{self.device}" + "".join(f"-w{w}" for w in self.widths) + ("-compiled" if v.compile else "")
+        compiled = self.config.compiled_static or self.config.compiled_batched
+        mode_key += f"-{self.device}" + "".join(f"-w{w}" for w in self.widths) + ("-compiled" if compiled else "")
         if self.config.compiled_batched:
             mode_key += "-t" + "-".join(str(t) for t in v.resolved_compile_tokens())
         if batched:
@@ -240,6 +241,15 @@ class Engine:
 
         s = self.scheduler
         return {"running": s.running, "waiting": s.waiting, "max_batch": s.max_batch, **asdict(s.counters)}
+
+    def compiled_info(self) -> dict | None:
+        """Compiled passes, for /health: the token buckets of compiled batched passes and how many passes ran
+        compiled (None when passes run eager), or the fixed widths of compiled static passes."""
+        if self.config.compiled_static:
+            return {"static_widths": list(self.widths)}
+        kv = self.scheduler.kv
+        buckets = list(getattr(kv, "compile_tokens", ()))
+        return {"token_buckets": buckets, "passes": kv.compiled_passes} if buckets else None
 
     def healthy(self) -> bool:
         return self.group is None or self.group.healthy()

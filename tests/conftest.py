@@ -8,6 +8,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
+def sibling():
+    """``f(name)``: the test module ``name`` of this directory, loaded (pytest imports tests with importlib, so
+    they are not on the path); for tests that run another file's scenario on other parts."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"_sibling_{name}", Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from aded_ray.verify.loading import load_tokenizer
 

@@ -2,25 +2,12 @@
 compiled per token bucket gives the eager pass's rows, step after step (a tiny random Llama: seconds to
 compile), and an engine running them decodes under load exactly what each request decodes alone, greedy
 outputs equal to ``model.generate`` (the real SmolLM2)."""
-import threading
 
-import numpy as np
 import pytest
 import torch
 
 from aded_ray.draft.tree import DraftTree
 from aded_ray.verify.batch import BatchKV
-
-
-def _sibling(name: str):
-    """A module of this directory (pytest imports tests with importlib, so they are not on the path)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(f"_compiled_batch_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny():
@@ -91,29 +78,15 @@ def compiled_engine(corpus_matrix, tmp_path_factory):
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_engine_with_compiled_batched_passes_is_lossless_under_load(compiled_engine):
+def test_engine_with_compiled_batched_passes_is_lossless_under_load(compiled_engine, sibling):
     e = compiled_engine
     assert e.speculate and e.widths == [] and e.scheduler.kv.compile_tokens == (8, 32)
     before = e.scheduler.kv.compiled_passes
-    _sibling("test_batch")._lossless_under_load(e)   # every request under load = the same request alone (greedy, sampled, ...)
+    sibling("test_batch")._lossless_under_load(e)   # every request under load = the same request alone (greedy, sampled, ...)
     assert e.scheduler.kv.compiled_passes > before + 20
 
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_engine_with_compiled_batched_passes_equals_generate(compiled_engine, greedy_references):
-    static = _sibling("test_static")
-    NEW, PROMPTS = static.NEW, static.PROMPTS
-    refs = greedy_references(PROMPTS, NEW)
-    outs, drafted = {}, []
-
-    def go(i):
-        chunks = list(compiled_engine.generate(refs[i][0], max_new_tokens=NEW))
-        outs[i] = [t for c in chunks for t in c.token_ids]
-        drafted.append(chunks[-1].stats.draft_tokens)
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(refs))]
-    [t.start() for t in threads]
-    [t.join(600) for t in threads]
-    assert [outs[i] for i in range(len(refs))] == [r for _, r in refs]
-    assert sum(drafted) > 0 and np.all(np.array(drafted) >= 0)
+def test_engine_with_compiled_batched_passes_equals_generate(compiled_engine, greedy_references, sibling):
+    sibling("test_static").concurrent_greedy_equals_generate(compiled_engine, greedy_references)

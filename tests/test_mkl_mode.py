@@ -3,8 +3,6 @@ weights and inputs against ``F.linear``), a row's result does not depend on how 
 (SmolLM2's linear shapes, random weights), the mode is the default where torch has MKL and refuses what it
 cannot run, and an engine in it decodes under load what each request decodes alone, greedy outputs equal to
 ``model.generate`` (the real SmolLM2)."""
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -12,17 +10,6 @@ import torch
 from aded_ray.verify.modes import MklPackedLinear, mkl_available
 
 pytestmark = pytest.mark.skipif(not mkl_available(), reason="this torch build has no MKL")
-
-
-def _sibling(name: str):
-    """A module of this directory (pytest imports tests with importlib, so they are not on the path)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(f"_mkl_mode_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_packed_linear_is_the_linear_on_literal_values():
@@ -65,6 +52,18 @@ def test_fp32_mkl_is_the_cpu_default_and_refuses_what_it_cannot_run():
     assert VerifyConfig(device="cpu", tp_size=2).resolved_mode() == "fp32"        # AutoTP shards nn.Linear
     with pytest.raises(ValueError, match="'fp32-packed'"):
         VerifyConfig(mode="fp32-packed", compile=True)
+    # compile "auto": the batched pass compiled on CPUs in fp32-mkl only (never on CUDA, never for one request)
+    from aded_ray.config import EngineConfig
+
+    assert EngineConfig(verify=VerifyConfig(device="cpu", compile="auto")).compiled_batched
+    assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto"), max_batch=1).compiled_batched
+    assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto"), max_batch=1).compiled_static
+    assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto", mode="fp32")).compiled_batched
+    assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto", mode="fp32-packed")).compiled_batched
+    assert not EngineConfig(verify=VerifyConfig(device="cuda", compile="auto")).compiled_batched
+    assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto", tp_size=2)).compiled_batched
+    assert not EngineConfig(verify=VerifyConfig(device="cpu")).compiled_batched          # the library's default
+    assert EngineConfig(verify=VerifyConfig(device="cpu", compile=True), max_batch=1).compiled_static
     with pytest.raises(ValueError, match="'fp32-mkl' is CPU-only"):
         load_for_mode(None, "fp32-mkl", "cuda")
     with pytest.raises(ValueError, match="packs fp32 weights"):
@@ -85,26 +84,13 @@ def mkl_engine(corpus_matrix, tmp_path_factory):
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_engine_in_the_default_mode_is_lossless_under_load(mkl_engine):
+def test_engine_in_the_default_mode_is_lossless_under_load(mkl_engine, sibling):
     assert mkl_engine.mode == "fp32-mkl" and mkl_engine.exact and mkl_engine.speculate
     # every request under load = the same request alone (greedy, sampled, stop string, cancellation)
-    _sibling("test_batch")._lossless_under_load(mkl_engine)
+    sibling("test_batch")._lossless_under_load(mkl_engine)
 
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_engine_in_the_default_mode_equals_generate(mkl_engine, greedy_references):
-    static = _sibling("test_static")
-    refs = greedy_references(static.PROMPTS, static.NEW)
-    outs, drafted = {}, []
-
-    def go(i):
-        chunks = list(mkl_engine.generate(refs[i][0], max_new_tokens=static.NEW))
-        outs[i] = [t for c in chunks for t in c.token_ids]
-        drafted.append(chunks[-1].stats.draft_tokens)
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(refs))]
-    [t.start() for t in threads]
-    [t.join(600) for t in threads]
-    assert [outs[i] for i in range(len(refs))] == [r for _, r in refs]
-    assert sum(drafted) > 0
+def test_engine_in_the_default_mode_equals_generate(mkl_engine, greedy_references, sibling):
+    sibling("test_static").concurrent_greedy_equals_generate(mkl_engine, greedy_references)

@@ -1,5 +1,5 @@
-"""A Serve replica with compiled batched passes (`compile: true`, one token bucket to keep the compile short), as
-`make serve` would run it with that switch: concurrent greedy HTTP requests equal single-process plain
+"""A Serve replica with compiled batched passes (`compile: auto` as deployments/aded.yaml sets it, which on a CPU
+with MKL compiles; one token bucket to keep the compile short), as `make serve` runs it: concurrent greedy HTTP requests equal single-process plain
 decoding by the same model in the same mode (the mode compiling resolves to: fp32-mkl where torch has MKL)."""
 import concurrent.futures as cf
 
@@ -20,7 +20,7 @@ def served(tmp_path_factory, corpus_matrix):
     store = d / "store.tri"
     corpus_matrix.save(store)
     svc = LocalService(d, args={"num_replicas": 1, "num_cpus": 0.5, "store": str(store), "max_running": 3,
-                                "compile": True, "compile_tokens": [8], "max_new_tokens": 64})
+                                "compile": "auto", "compile_tokens": [8], "max_new_tokens": 64})
     svc.start()
     yield {"base": svc.base, "store": store}
     svc.stop()
@@ -47,3 +47,5 @@ def test_compiled_replica_serves_concurrent_requests_exactly(served):
     finally:
         e.shutdown()
     assert sum(b["aded_stats"]["draft_tokens"] for b in bodies) > 0      # the replica speculated
+    compiled = requests.get(f"{served['base']}/health", timeout=30).json()["compiled"]
+    assert compiled["token_buckets"] == [8] and compiled["passes"] > 0   # and its passes ran compiled

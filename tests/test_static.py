@@ -21,6 +21,26 @@ PROMPTS = [
 NEW = 40
 
 
+def concurrent_greedy_equals_generate(engine, greedy_references) -> None:
+    """The prompts above sent to ``engine`` at once (greedy, speculating): each output equals
+    ``model.generate``'s; drafting happened (for other test files' engines: compiled, other modes)."""
+    import threading
+
+    refs = greedy_references(PROMPTS, NEW)
+    outs, drafted = {}, []
+
+    def go(i):
+        chunks = list(engine.generate(refs[i][0], max_new_tokens=NEW))
+        outs[i] = [t for c in chunks for t in c.token_ids]
+        drafted.append(chunks[-1].stats.draft_tokens)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(refs))]
+    [t.start() for t in threads]
+    [t.join(600) for t in threads]
+    assert [outs.get(i) for i in range(len(refs))] == [r for _, r in refs]
+    assert sum(drafted) > 0
+
+
 @pytest.fixture(scope="module")
 def references(greedy_references):
     return greedy_references(PROMPTS, NEW)

@@ -28,8 +28,9 @@ class AppArgs(BaseModel):
     mode: str = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
-    compile: bool = Field(False, description="compiled passes: per token bucket for batched replicas, static-KV "
-                                            "with max_running 1 (minutes of compiling at start-up)")
+    compile: Literal["auto"] | bool = Field(False, description="compiled passes: per token bucket for batched "
+                                            "replicas, static-KV with max_running 1 (minutes of compiling at "
+                                            "start-up); auto: batched replicas on CPUs in mode fp32-mkl only")
     compile_tokens: Literal["auto"] | list[int] = Field("auto", description="token buckets of compiled batched "
                                                         "passes (auto: [1, 2, 4, 8, 16, 32] on CPUs)")
     draft: DraftConfig = DraftConfig()

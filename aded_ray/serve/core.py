@@ -98,7 +98,8 @@ class Replica:
         return {"status": "ok" if e.healthy() else "unhealthy", "replica": self.replica_id,
                 "speculation": e.speculate, "speculation_off_reason": e.speculation_off_reason,
                 "exactness": None if e.exactness is None else e.exactness.summary(),
-                "mode": e.mode, "device": e.device, "widths": e.widths, "generating": g["running"] > 0,
+                "mode": e.mode, "device": e.device, "widths": e.widths, "compiled": e.compiled_info(),
+                "generating": g["running"] > 0,
                 "requests": g, "redis_up": None if self.store is None else bool(self.store.stats["redis_up"]),
                 "store": None if self.store is None else self.store.summary()}
 
