@@ -90,21 +90,19 @@ class VerifyConfig(_Strict):
     def resolved_mode(self) -> str:
         if self.mode != "auto":
             return self.mode
-        import torch
-
         if self.resolved_device() == "cuda":
             return "fp32"   # exact (TF32 off); fp16/bf16 must pass the start-up check to speculate
         if self.tp_size > 1:
             return "fp32"  # AutoTP shards nn.Linear: no pre-packing
-        from aded_ray.verify.modes import mkl_available
+        from aded_ray.verify.modes import preferred_cpu_mode
 
-        if mkl_available():
-            # MKL-packed linears: the fastest exact mode measured on CPUs (verify/modes.py); compiled graphs
-            # call the same packed weights (one copy for the eager passes and every compiled shape)
-            return "fp32-mkl"
-        if self.compile is True:
+        # MKL-packed linears where a probe of this machine finds MKL's kernel no slower than oneDNN's (it is
+        # 1.3-1.5x faster on the Xeon measured; verify/modes.py); compiled graphs call the same packed weights
+        # (one copy for the eager passes and every compiled shape)
+        mode = preferred_cpu_mode()
+        if self.compile is True and mode != "fp32-mkl":
             return "fp32"  # the compiler packs by itself (a copy per compiled shape)
-        return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
+        return mode
 
     def resolved_compile_tokens(self) -> list[int]:
         """Token buckets of compiled batched passes: "auto" = [1, 2, 4, 8, 16, 32] on CPUs (each costs a

@@ -21,9 +21,7 @@ def ids_of(chunks):
 
 
 def test_default_mode_is_exact_and_speculation_is_lossless(engine):
-    from aded_ray.verify.modes import mkl_available
-
-    assert engine.mode == ("fp32-mkl" if mkl_available() else "fp32-packed") and engine.exact and engine.speculate
+    assert engine.mode == VerifyConfig(device="cpu").resolved_mode() and engine.exact and engine.speculate
     prompt = "Rewrite this sentence in the passive voice: the cat chased the mouse around the house."
     auto = list(engine.generate(prompt, chat=True, max_new_tokens=48))          # the engine's own budget
     plain = list(engine.generate(prompt, chat=True, max_new_tokens=48, speculate=False))

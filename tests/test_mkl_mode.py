@@ -1,7 +1,7 @@
-"""``fp32-mkl``, the CPU default: linears packed once by MKL's sgemm. A packed linear is the linear (literal
-weights and inputs against ``F.linear``), a row's result does not depend on how many rows share the call
-(SmolLM2's linear shapes, random weights), the mode is the default where torch has MKL and refuses what it
-cannot run, and an engine in it decodes under load what each request decodes alone, greedy outputs equal to
+"""``fp32-mkl``, the CPU default where a probe finds MKL's kernel no slower: linears packed once by MKL's sgemm.
+A packed linear is the linear (literal weights and inputs), a row's result does not depend on how many rows
+share the call (SmolLM2's linear shapes, random weights), the default follows the probe (cached per machine),
+the mode refuses what it cannot run, and an engine in it decodes under load what each request decodes alone, greedy outputs equal to
 ``model.generate`` (the real SmolLM2)."""
 import numpy as np
 import pytest
@@ -43,27 +43,52 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(n_out, n_in):
                 assert torch.equal(packed(x[start:start + rows].contiguous()), full[start:start + rows]), (rows, start)
 
 
-def test_fp32_mkl_is_the_cpu_default_and_refuses_what_it_cannot_run():
-    from aded_ray.config import VerifyConfig
-    from aded_ray.verify.modes import load_for_mode
+@pytest.mark.parametrize("probe", ["fp32-mkl", "fp32-packed"])
+def test_the_cpu_default_is_the_probes_choice_and_compile_auto_follows_it(probe, monkeypatch):
+    from aded_ray.config import EngineConfig, VerifyConfig
+    from aded_ray.verify import modes
 
-    assert VerifyConfig(device="cpu").resolved_mode() == "fp32-mkl"
-    assert VerifyConfig(device="cpu", compile=True).resolved_mode() == "fp32-mkl"   # graphs call its packed weights
+    monkeypatch.setattr(modes, "preferred_cpu_mode", lambda: probe)     # what this machine's probe chose
+    mkl = probe == "fp32-mkl"
+    assert VerifyConfig(device="cpu").resolved_mode() == probe
+    # compiled graphs call fp32-mkl's packed weights; without them the compiler packs plain fp32 itself
+    assert VerifyConfig(device="cpu", compile=True).resolved_mode() == ("fp32-mkl" if mkl else "fp32")
     assert VerifyConfig(device="cpu", tp_size=2).resolved_mode() == "fp32"        # AutoTP shards nn.Linear
-    with pytest.raises(ValueError, match="'fp32-packed'"):
-        VerifyConfig(mode="fp32-packed", compile=True)
+    assert VerifyConfig(device="cuda").resolved_mode() == "fp32"
     # compile "auto": the batched pass compiled on CPUs in fp32-mkl only (never on CUDA, never for one request)
-    from aded_ray.config import EngineConfig
-
-    assert EngineConfig(verify=VerifyConfig(device="cpu", compile="auto")).compiled_batched
-    assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto"), max_batch=1).compiled_batched
-    assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto"), max_batch=1).compiled_static
+    auto = VerifyConfig(device="cpu", compile="auto")
+    assert EngineConfig(verify=auto).compiled_batched == mkl
+    assert not EngineConfig(verify=auto, max_batch=1).compiled_batched
+    assert not EngineConfig(verify=auto, max_batch=1).compiled_static
     assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto", mode="fp32")).compiled_batched
     assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto", mode="fp32-packed")).compiled_batched
     assert not EngineConfig(verify=VerifyConfig(device="cuda", compile="auto")).compiled_batched
     assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto", tp_size=2)).compiled_batched
     assert not EngineConfig(verify=VerifyConfig(device="cpu")).compiled_batched          # the library's default
     assert EngineConfig(verify=VerifyConfig(device="cpu", compile=True), max_batch=1).compiled_static
+
+
+def test_the_probe_prefers_mkl_unless_onednn_is_clearly_faster_and_is_cached_per_machine(tmp_path, monkeypatch):
+    from aded_ray.verify import modes
+
+    assert modes.choose_cpu_mode({"fp32-mkl": 105.0, "fp32-packed": 100.0}) == "fp32-mkl"     # within 10%
+    assert modes.choose_cpu_mode({"fp32-mkl": 111.0, "fp32-packed": 100.0}) == "fp32-packed"
+    us = modes.probe_cpu_linears(reps=5)
+    assert set(us) == {"fp32-mkl", "fp32-packed"} and all(v > 0 for v in us.values())
+    monkeypatch.setenv("ADED_CACHE_DIR", str(tmp_path))
+    probes = []
+    monkeypatch.setattr(modes, "probe_cpu_linears", lambda: probes.append(1) or {"fp32-mkl": 300.0,
+                                                                                  "fp32-packed": 200.0})
+    assert modes.preferred_cpu_mode() == "fp32-packed" and modes.preferred_cpu_mode() == "fp32-packed"
+    assert len(probes) == 1 and len(list((tmp_path / "modes").glob("cpu-linears-*.json"))) == 1   # measured once
+
+
+def test_fp32_mkl_refuses_what_it_cannot_run():
+    from aded_ray.config import VerifyConfig
+    from aded_ray.verify.modes import load_for_mode
+
+    with pytest.raises(ValueError, match="'fp32-packed'"):
+        VerifyConfig(mode="fp32-packed", compile=True)
     with pytest.raises(ValueError, match="'fp32-mkl' is CPU-only"):
         load_for_mode(None, "fp32-mkl", "cuda")
     with pytest.raises(ValueError, match="packs fp32 weights"):
@@ -77,14 +102,14 @@ def mkl_engine(corpus_matrix, tmp_path_factory):
 
     store = tmp_path_factory.mktemp("mkl") / "store.tri"
     corpus_matrix.save(store)
-    e = Engine(EngineConfig(store=str(store), max_batch=8, verify=VerifyConfig(budget=16)))
+    e = Engine(EngineConfig(store=str(store), max_batch=8, verify=VerifyConfig(mode="fp32-mkl", budget=16)))
     yield e
     e.shutdown()
 
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_engine_in_the_default_mode_is_lossless_under_load(mkl_engine, sibling):
+def test_engine_in_fp32_mkl_is_lossless_under_load(mkl_engine, sibling):
     assert mkl_engine.mode == "fp32-mkl" and mkl_engine.exact and mkl_engine.speculate
     # every request under load = the same request alone (greedy, sampled, stop string, cancellation)
     sibling("test_batch")._lossless_under_load(mkl_engine)
@@ -92,5 +117,5 @@ def test_engine_in_the_default_mode_is_lossless_under_load(mkl_engine, sibling):
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_engine_in_the_default_mode_equals_generate(mkl_engine, greedy_references, sibling):
+def test_engine_in_fp32_mkl_equals_generate(mkl_engine, greedy_references, sibling):
     sibling("test_static").concurrent_greedy_equals_generate(mkl_engine, greedy_references)

@@ -38,7 +38,7 @@ def test_compiled_replica_serves_concurrent_requests_exactly(served):
 
     with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
         bodies = list(pool.map(ask, PROMPTS))
-    mode = VerifyConfig(compile=True).resolved_mode()
+    mode = VerifyConfig().resolved_mode()       # the replica's mode (compile "auto" does not change it)
     e = Engine(EngineConfig(store=str(served["store"]), verify=VerifyConfig(mode=mode, budget=0)), speculate=False)
     try:
         for prompt, body in zip(PROMPTS, bodies):
@@ -48,4 +48,7 @@ def test_compiled_replica_serves_concurrent_requests_exactly(served):
         e.shutdown()
     assert sum(b["aded_stats"]["draft_tokens"] for b in bodies) > 0      # the replica speculated
     compiled = requests.get(f"{served['base']}/health", timeout=30).json()["compiled"]
-    assert compiled["token_buckets"] == [8] and compiled["passes"] > 0   # and its passes ran compiled
+    if EngineConfig(verify=VerifyConfig(compile="auto"), max_batch=3).compiled_batched:    # fp32-mkl here
+        assert compiled["token_buckets"] == [8] and compiled["passes"] > 0   # and its passes ran compiled
+    else:
+        assert compiled is None

@@ -4,12 +4,13 @@
 |---------------|-------------------------------------------|--------------------------------------------|
 | ``fp32``      | eager ``nn.Linear``                       | yes (rows independent to ~5e-5)            |
 | ``fp32-packed`` | fp32, pre-packed for oneDNN (CPU only)  | yes                                        |
-| ``fp32-mkl``  | fp32, pre-packed for MKL's sgemm (CPU only) | yes, linears row-invariant; fastest on CPUs|
+| ``fp32-mkl``  | fp32, pre-packed for MKL's sgemm (CPU only) | yes, linears row-invariant; fastest measured |
 | ``bf16``      | eager bf16                                | no on CPUs: a k-token pass rounds differently|
 | ``bf16-packed`` | bf16, pre-packed for oneDNN (CPU only)  | no (plain decoding only)                   |
 | ``fp16``      | eager fp16 (GPUs)                         | checked at start-up                        |
 
-``fp32-mkl`` (the CPU default where torch has MKL): each linear's weight packed once by MKL
+``fp32-mkl`` (the CPU default where a probe of the machine, :func:`preferred_cpu_mode`, finds MKL's packed
+kernel no more than 10% slower than oneDNN's; else ``fp32-packed``): each linear's weight packed once by MKL
 (``cblas_sgemm_pack``), run by its packed GEMM. Measured on the 2-core Xeon (AVX-512, torch 2.13, SmolLM2's
 five linear shapes): 1.25-1.5x faster per linear than oneDNN's packed kernel at 1-32 rows, 1.13-1.27x per
 model pass; and a row's result is bit-identical whatever the number of rows in the call (1 to 300 checked,
@@ -91,6 +92,66 @@ def pack_linears(model: torch.nn.Module, kind=PackedLinear) -> torch.nn.Module:
 
 def mkl_available() -> bool:
     return bool(getattr(torch._C, "has_mkl", False)) and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+PROBE_SHAPES = ((1536, 576), (576, 1536), (576, 576))    # (out, in): a small model's MLP and attention linears
+MKL_SLACK = 1.10          # MKL is preferred unless oneDNN is more than this much faster: a stable choice
+
+
+def choose_cpu_mode(us: dict[str, float]) -> str:
+    """The exact CPU mode from probe timings (µs per round of the probe's linears):
+
+    >>> choose_cpu_mode({"fp32-mkl": 100.0, "fp32-packed": 95.0}), choose_cpu_mode({"fp32-mkl": 120.0, "fp32-packed": 100.0})
+    ('fp32-mkl', 'fp32-packed')
+    """
+    return "fp32-mkl" if us["fp32-mkl"] <= MKL_SLACK * us["fp32-packed"] else "fp32-packed"
+
+
+def probe_cpu_linears(rows: int = 8, reps: int = 60) -> dict[str, float]:
+    """µs per round of :data:`PROBE_SHAPES` at ``rows`` rows, MKL-packed against oneDNN-packed, interleaved,
+    median of ``reps`` (~0.1 s). MKL's kernels differ by CPU vendor and instruction set: measured, not assumed."""
+    import time
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(k, n, bias=False) for n, k in PROBE_SHAPES]
+    kinds = {"fp32-mkl": [MklPackedLinear(lin) for lin in layers], "fp32-packed": [PackedLinear(lin) for lin in layers]}
+    xs = [torch.randn(rows, k) for _, k in PROBE_SHAPES]
+    times = {name: [] for name in kinds}
+    with torch.inference_mode():
+        for _ in range(reps):
+            for name, mods in kinds.items():
+                t = time.perf_counter()
+                for m, x in zip(mods, xs):
+                    m(x)
+                times[name].append(time.perf_counter() - t)
+    return {name: round(1e6 * sorted(ts)[len(ts) // 2], 1) for name, ts in times.items()}
+
+
+def preferred_cpu_mode() -> str:
+    """``fp32-mkl`` or ``fp32-packed`` for this machine (or ``fp32`` without either library): the probe above,
+    run once per machine kind and cached in ``$ADED_CACHE_DIR/modes`` so that every process of a machine,
+    every restart included, makes the same choice."""
+    import json
+
+    if not mkl_available():
+        return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
+    if not torch.backends.mkldnn.is_available():
+        return "fp32-mkl"
+    from aded_ray.paths import cache_dir
+    from aded_ray.verify.cost import machine_key
+
+    path = cache_dir() / "modes" / f"cpu-linears-{machine_key()}.json"
+    try:
+        return json.loads(path.read_text())["choice"]
+    except (OSError, ValueError, KeyError):
+        pass
+    us = probe_cpu_linears()
+    choice = choose_cpu_mode(us)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{__import__('os').getpid()}.tmp")
+    tmp.write_text(json.dumps({"us": us, "choice": choice}))
+    tmp.replace(path)
+    return choice
 
 
 def load_for_mode(model: str | None, mode: str, device: str = "cpu"):
