@@ -60,8 +60,9 @@ class VerifyConfig(_Strict):
     # Compiled passes (torch.compile; inductor with frozen weights on CPUs, calling fp32-mkl's packed linears
     # where torch has MKL; CUDA graphs on GPUs; mode fp32-mkl/fp32/bf16/fp16). With max_batch > 1: the batched
     # ragged pass compiled per token bucket (`compile_tokens`: a pass of T tokens runs the graph of the
-    # smallest bucket >= T; larger passes, prefills and fused prompt chunks run eager); with max_batch 1: a static single-request KV cache and fixed `widths`. Off by default:
-    # compiling takes minutes at start-up (~25 s per bucket on the 2-core CPU); README "Compiled passes".
+    # smallest bucket >= T; larger passes, prefills and fused prompt chunks run eager); with max_batch 1: a
+    # static single-request KV cache and fixed `widths`. Off by default (an Engine built in a notebook or a
+    # test starts in seconds): compiling takes minutes at start-up (~25 s per bucket on the 2-core CPU).
     # "auto": the batched pass compiled on CPUs where the mode is fp32-mkl (measured faster at every
     # concurrency, README "Compiled batched passes"), max_batch > 1 and tp_size 1; never on CUDA until a GPU
     # run measures it (`make gpu-check`). The deployment (deployments/aded.yaml) sets it.
@@ -160,6 +161,8 @@ class EngineConfig(_Strict):
         v = self.verify
         if self.max_batch <= 1 or v.tp_size != 1 or v.compile is False:
             return False
+        if v.compile == "auto" and v.widths != "auto":
+            return False          # fixed widths asked for: the eager padded passes they mean
         return v.compile is True or (v.resolved_device() == "cpu" and v.resolved_mode() == "fp32-mkl")
 
     @property

@@ -64,6 +64,7 @@ def test_the_cpu_default_is_the_probes_choice_and_compile_auto_follows_it(probe,
     assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto", mode="fp32-packed")).compiled_batched
     assert not EngineConfig(verify=VerifyConfig(device="cuda", compile="auto")).compiled_batched
     assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto", tp_size=2)).compiled_batched
+    assert not EngineConfig(verify=VerifyConfig(device="cpu", compile="auto", widths=[8])).compiled_batched
     assert not EngineConfig(verify=VerifyConfig(device="cpu")).compiled_batched          # the library's default
     assert EngineConfig(verify=VerifyConfig(device="cpu", compile=True), max_batch=1).compiled_static
 
