@@ -27,7 +27,7 @@ def fleet(tmp_path_factory):
     # Redis is down when the replicas start: its address is reserved, nothing listens there yet
     s = LocalService(d, redis="later", args={"num_replicas": 2, "num_cpus": 0.5, "store": str(d / "store.tri"),
                                              "max_new_tokens": 256, "flush_interval_s": 0.1, "max_running": 2,
-                                             "max_waiting": 8})
+                                             "max_waiting": 8, "compile": False})   # eager: replacements start fast
     s.start()
     yield s
     s.stop()

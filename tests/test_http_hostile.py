@@ -23,7 +23,8 @@ def svc(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile")
     TrigramMatrix.empty(49152).save(d / "store.tri")
     s = LocalService(d, args={"num_replicas": 2, "num_cpus": 0.5, "store": str(d / "store.tri"),
-                              "max_new_tokens": MAX_NEW, "max_running": 2, "max_waiting": 4},
+                              "max_new_tokens": MAX_NEW, "max_running": 2, "max_waiting": 4,
+                              "compile": False},       # eager passes: compile "auto" is test_serve_compiled's
                      env={"ADED_HTTP_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)})
     s.start()
     yield s

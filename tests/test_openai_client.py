@@ -14,7 +14,8 @@ def client(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("openai")
     TrigramMatrix.empty(49152).save(d / "store.tri")
-    s = LocalService(d, args={"num_replicas": 1, "num_cpus": 1, "store": str(d / "store.tri"), "max_new_tokens": 128})
+    s = LocalService(d, args={"num_replicas": 1, "num_cpus": 1, "store": str(d / "store.tri"), "max_new_tokens": 128,
+                              "compile": False})       # eager passes: compile "auto" is test_serve_compiled's
     s.start()
     yield openai.OpenAI(base_url=s.base + "/v1", api_key="unused", max_retries=0, timeout=60)
     s.stop()
