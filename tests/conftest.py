@@ -24,6 +24,29 @@ def sibling():
 
 
 @pytest.fixture(scope="session")
+def serve_with(tmp_path_factory, corpus_matrix):
+    """``with serve_with(name, **args) as (svc, store):`` a started LocalService (deployments/aded.yaml with
+    ``args``) serving a copy of the corpus matrix as its store; stopped on leaving."""
+    import contextlib
+
+    from aded_ray.serve.local import LocalService
+
+    @contextlib.contextmanager
+    def start(name: str, **args):
+        d = tmp_path_factory.mktemp(name)
+        store = d / "store.tri"
+        corpus_matrix.save(store)
+        svc = LocalService(d, args={"store": str(store), **args})
+        svc.start()
+        try:
+            yield svc, store
+        finally:
+            svc.stop()
+
+    return start
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from aded_ray.verify.loading import load_tokenizer
 

@@ -12,19 +12,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, corpus_matrix):
+def served(serve_with):
     from ray import serve
 
-    from aded_ray.serve.local import LocalService
-
-    d = tmp_path_factory.mktemp("serve")
-    store = d / "store.tri"
-    corpus_matrix.save(store)
-    svc = LocalService(d, args={"num_replicas": 2, "num_cpus": 0.5, "store": str(store), "max_running": 1,
-                                "max_waiting": 2, "max_queued_requests": 4, "max_new_tokens": 256})
-    svc.start()
-    yield {"base": svc.base, "serve": serve, "store": store, "redis": svc.redis, "svc": svc}
-    svc.stop()
+    with serve_with("serve", num_replicas=2, num_cpus=0.5, max_running=1, max_waiting=2, max_queued_requests=4,
+                    max_new_tokens=256) as (svc, store):
+        yield {"base": svc.base, "serve": serve, "store": store, "redis": svc.redis, "svc": svc}
 
 
 @pytest.fixture(scope="module")

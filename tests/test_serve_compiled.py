@@ -13,17 +13,10 @@ PROMPTS = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, corpus_matrix):
-    from aded_ray.serve.local import LocalService
-
-    d = tmp_path_factory.mktemp("serve-compiled")
-    store = d / "store.tri"
-    corpus_matrix.save(store)
-    svc = LocalService(d, args={"num_replicas": 1, "num_cpus": 0.5, "store": str(store), "max_running": 3,
-                                "compile": "auto", "compile_tokens": [8], "max_new_tokens": 64})
-    svc.start()
-    yield {"base": svc.base, "store": store}
-    svc.stop()
+def served(serve_with):
+    with serve_with("serve-compiled", num_replicas=1, num_cpus=0.5, max_running=3, compile="auto",
+                    compile_tokens=[8], max_new_tokens=64) as (svc, store):
+        yield {"base": svc.base, "store": store}
 
 
 def test_compiled_replica_serves_concurrent_requests_exactly(served):

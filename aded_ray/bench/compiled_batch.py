@@ -22,10 +22,9 @@ def run_batched_pass_costs(*, tokens=(1, 8, 16, 64), batches=(1, 4), reps: int =
 
     from aded_ray.draft.tree import DraftTree
     from aded_ray.verify.batch import BatchKV
-    from aded_ray.verify.modes import load_for_mode
+    from aded_ray.verify.modes import load_for_mode, mkl_available
 
     torch.manual_seed(0)
-    from aded_ray.verify.modes import mkl_available
 
     models = {"fp32-packed": load_for_mode(None, "fp32-packed" if device == "cpu" else "fp32", device)}
     if device == "cpu" and mkl_available():
