@@ -60,7 +60,7 @@ _NO_TOK = np.zeros(0, np.int32)
 _NO_FEAT = np.zeros((0, C.N_FEAT), np.float64)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _add(toks, cp, n, tok, s, p):
     """Add evidence ``p`` from source ``s`` for ``tok``; returns the new candidate count."""
     for i in range(n):
@@ -69,13 +69,21 @@ def _add(toks, cp, n, tok, s, p):
             return n
     if n < toks.shape[0]:
         toks[n] = tok
-        cp[n, :] = 0.0
+        for j in range(cp.shape[1]):
+            cp[n, j] = 0.0
         cp[n, s] = p
         n += 1
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def _copy_row(src, i, dst, j):
+    """``dst[j] = src[i]`` without the two row views (and their reference counting) numba would make."""
+    for f in range(src.shape[1]):
+        dst[j, f] = src[i, f]
+
+
+@njit(cache=True, inline="always")
 def _add_matches(toks, cp, n, mt, mc, k, conf, s):
     """Add k matched continuations with p = conf * count / total."""
     total = 0.0
@@ -86,7 +94,7 @@ def _add_matches(toks, cp, n, mt, mc, k, conf, s):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _candidates(rix, hix, mat, rec, tail, n_tail, off_path, prm_f, prm_i, rconf, hconf, toks, cp, mlen, bufs):
     """Candidates for the context ``request + path``, where ``tail[:n_tail]`` is the end of that context
     and the path starts at ``tail[off_path]``. Writes tokens, per-source probabilities and the two match
@@ -175,9 +183,9 @@ def best_first_tree(rix, hix, mat, rec, prm_f, prm_i, rconf, hconf, w, sc, wl, m
                 prior = 1.0
                 for s in range(C.N_SRC):
                     prior *= 1.0 - cp[i, s]
-                C.features(cp[i], 1.0 - prior, d + 1, mlen[0] if cp[i, S_REQ] > 0 else 0,
-                           mlen[1] if cp[i, S_HIST] > 0 else 0, rel, feat[i])
-                ps[i] = C.predict(w, feat[i])
+                C.features_at(cp, i, 1.0 - prior, d + 1, mlen[0] if cp[i, S_REQ] > 0 else 0,
+                              mlen[1] if cp[i, S_HIST] > 0 else 0, rel, feat, i)
+                ps[i] = C.predict_at(w, feat, i)
             parent_sc = 1.0 if node < 0 else out_score[node]
             # keep the best ``branch`` candidates
             for _ in range(min(branch, n)):
@@ -193,7 +201,7 @@ def best_first_tree(rix, hix, mat, rec, prm_f, prm_i, rconf, hconf, w, sc, wl, m
                     f_tok[nf] = toks[bi]
                     f_par[nf] = node
                     f_sc[nf] = parent_sc * ps[bi]
-                    f_feat[nf] = feat[bi]
+                    _copy_row(feat, bi, f_feat, nf)
                     nf += 1
                 ps[bi] = -1.0
         if n_nodes >= max_nodes or nf == 0:
@@ -205,13 +213,13 @@ def best_first_tree(rix, hix, mat, rec, prm_f, prm_i, rconf, hconf, w, sc, wl, m
         out_tok[n_nodes] = f_tok[bi]
         out_par[n_nodes] = f_par[bi]
         out_score[n_nodes] = f_sc[bi]
-        out_feat[n_nodes] = f_feat[bi]
+        _copy_row(f_feat, bi, out_feat, n_nodes)
         depth[n_nodes] = 1 if f_par[bi] < 0 else depth[f_par[bi]] + 1
         node = n_nodes
         n_nodes += 1
         nf -= 1
         f_tok[bi], f_par[bi], f_sc[bi] = f_tok[nf], f_par[nf], f_sc[nf]
-        f_feat[bi] = f_feat[nf]
+        _copy_row(f_feat, nf, f_feat, bi)
     _to_bfs(n_nodes, depth, out_tok, out_par, out_score, out_feat)
     return n_nodes
 

@@ -28,7 +28,7 @@ SHRINK = 8.0                           # a request's rate counts as much as the 
 DECAY = 0.998                          # the workload's rates forget with this factor per judged node
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def reliability(sc, wl, out):
     """Per source: ``logit(request rate) - logit(workload rate)``, where the request's rate is shrunk toward
     the workload's (``SHRINK`` pseudo-counts, the guard against one request's few verdicts) and the workload
@@ -45,48 +45,62 @@ def reliability(sc, wl, out):
         out[s] = _logit(q) - _logit(r)
 
 
-@njit(cache=True)
-def count_verdict(phi, ok, sc, wl):
-    """Count one judged node for every source present in its features ``phi``."""
+@njit(cache=True, inline="always")
+def count_verdict(phi, j, ok, sc, wl):
+    """Count one judged node for every source present in its features ``phi[j]``."""
     for s in range(N_SRC):
-        if phi[1 + 3 * s] > 0.0:
+        if phi[j, 1 + 3 * s] > 0.0:
             sc[0, s] += ok
             sc[1, s] += 1.0
             wl[0, s] = DECAY * wl[0, s] + ok
             wl[1, s] = DECAY * wl[1, s] + 1.0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _logit(p):
     p = min(max(p, 1e-4), 1.0 - 1e-4)
     return np.log(p / (1.0 - p))
 
 
+@njit(cache=True, inline="always")
+def features_at(cp, i, prior, depth, m_request, m_history, rel, out, j):
+    """Write the feature vector of candidate ``cp[i]`` into ``out[j]`` (length N_FEAT); ``rel``: see
+    :func:`reliability` (a source's term is 0 unless it proposed the candidate). Rows are indexed, not
+    sliced: a row view costs two reference-count calls, per candidate, in the drafter's innermost loop."""
+    out[j, 0] = 1.0
+    for s in range(N_SRC):
+        p = cp[i, s]
+        present = p > 0.0
+        out[j, 1 + 3 * s] = 1.0 if present else 0.0
+        out[j, 2 + 3 * s] = p
+        out[j, 3 + 3 * s] = _logit(p) if present else 0.0
+        out[j, REL + s] = rel[s] if present else 0.0
+    out[j, PRIOR] = _logit(prior)
+    out[j, PRIOR + 1] = 1.0 if depth == 1 else 0.0
+    out[j, PRIOR + 2] = 1.0 if depth >= 3 else 0.0
+    out[j, PRIOR + 3] = m_request / 16.0
+    out[j, PRIOR + 4] = m_history / 16.0
+
+
+@njit(cache=True, inline="always")
+def predict_at(w, phi, j):
+    """``sigmoid(w . phi[j])``."""
+    z = 0.0
+    for f in range(w.shape[0]):
+        z += w[f] * phi[j, f]
+    return 1.0 / (1.0 + np.exp(-z))
+
+
 @njit(cache=True)
 def features(cp, prior, depth, m_request, m_history, rel, out):
-    """Write the feature vector of one candidate into ``out`` (length N_FEAT); ``rel``: see
-    :func:`reliability` (a source's term is 0 unless it proposed the candidate)."""
-    out[0] = 1.0
-    for s in range(N_SRC):
-        present = cp[s] > 0.0
-        out[1 + 3 * s] = 1.0 if present else 0.0
-        out[2 + 3 * s] = cp[s]
-        out[3 + 3 * s] = _logit(cp[s]) if present else 0.0
-    out[PRIOR] = _logit(prior)
-    out[PRIOR + 1] = 1.0 if depth == 1 else 0.0
-    out[PRIOR + 2] = 1.0 if depth >= 3 else 0.0
-    out[PRIOR + 3] = m_request / 16.0
-    out[PRIOR + 4] = m_history / 16.0
-    for s in range(N_SRC):
-        out[REL + s] = rel[s] if cp[s] > 0.0 else 0.0
+    """One candidate's features (``cp``: its per-source probabilities) into ``out``: :func:`features_at`."""
+    features_at(cp.reshape((1, cp.shape[0])), 0, prior, depth, m_request, m_history, rel,
+                out.reshape((1, out.shape[0])), 0)
 
 
 @njit(cache=True)
 def predict(w, phi):
-    z = 0.0
-    for i in range(phi.shape[0]):
-        z += w[i] * phi[i]
-    return 1.0 / (1.0 + np.exp(-z))
+    return predict_at(w, phi.reshape((1, phi.shape[0])), 0)
 
 
 def prior_weights() -> np.ndarray:
@@ -138,7 +152,7 @@ class OnlineLogistic:
         self.workload[:] = 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def judge_learn(tokens, parents, feats, truth, w, g2, lr, sc, wl):
     """:func:`judge` and one AdaGrad step on the judged nodes (``w`` and ``g2`` updated in place), each
     verdict counted for the sources' reliability (``sc``: the request's, ``wl``: the workload's, see
@@ -153,9 +167,9 @@ def judge_learn(tokens, parents, feats, truth, w, g2, lr, sc, wl):
         depth[i] = 1 if p < 0 else depth[p] + 1
         if (p < 0 or ok[p]) and depth[i] <= truth.shape[0]:
             ok[i] = tokens[i] == truth[depth[i] - 1]
-            pr = predict(w, feats[i])
+            pr = predict_at(w, feats, i)
             y = 1.0 if ok[i] else 0.0
-            count_verdict(feats[i], y, sc, wl)
+            count_verdict(feats, i, y, sc, wl)
             for f in range(w.shape[0]):
                 grad[f] += (y - pr) * feats[i, f]
             m += 1

@@ -27,7 +27,7 @@ def _slot_of(key, bits):
     return np.int64((np.uint64(key) * _GOLDEN) >> np.uint64(64 - bits))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def ov_find(ov, key):
     """Slot of context ``key`` in the overlay, or -1."""
     slot_key, slot_head, e_tok, e_cnt, e_next, meta = ov
@@ -41,7 +41,7 @@ def ov_find(ov, key):
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def ov_bump(ov, key, tok, n):
     """Add ``n`` bumps to (context ``key``, successor ``tok``). The caller guarantees free capacity."""
     slot_key, slot_head, e_tok, e_cnt, e_next, meta = ov
@@ -80,7 +80,7 @@ def ov_rehash(old, new):
                 e = e_next[e]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def base_range(base, V, a, b):
     """``(lo, hi)`` successor range of context (a, b) in the base arrays; empty when absent."""
     first, keys, offsets, succ, weight = base
@@ -99,7 +99,7 @@ def base_range(base, V, a, b):
     return 0, 0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def successors(base, ov, prm, a, b, tok_out, w_out):
     """Merged successors of (a, b): base weights plus overlay bumps, capped, sorted.
 
@@ -184,7 +184,7 @@ def weight_of(base, ov, prm, a, b, c):
     return min(w, prm[2])
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def adaptive_update(ov, prm, seq, window):
     """ADED's update: one bump for each tri-gram inside the last ``window`` tokens of ``seq``."""
     V = np.int64(prm[0])

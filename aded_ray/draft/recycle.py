@@ -14,13 +14,13 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _slot(n_tokens, slot_bits, a, b):
     h = (np.uint64(a) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(b)) * np.uint64(0xBF58476D1CE4E5B9)
     return n_tokens + int(h >> np.uint64(64 - slot_bits))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def lookup(keys, n_tokens, slot_bits, a, b):
     """``(row, exact)``: the table row for context ``(a, b)`` (exact pair) else for ``b`` alone; -1 if none."""
     if a >= 0 and 0 <= b < n_tokens:

@@ -18,7 +18,7 @@ from aded_ray.draft.suffix import index_extend, index_extend3
 OK, RESTART, SLOW = 0, 1, 2
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _to_bfs(n, depth, tok, par, score, feat):
     """Re-order the first ``n`` insertion-ordered nodes breadth-first in place (stable within a depth),
     remapping parents: what :func:`_bfs` does, inside the kernel."""
@@ -42,10 +42,11 @@ def _to_bfs(n, depth, tok, par, score, feat):
         tok[j] = t2[i]
         par[j] = -1 if p2[i] < 0 else new_of[p2[i]]
         score[j] = s2[i]
-        feat[j] = f2[i]
+        for f in range(feat.shape[1]):
+            feat[j, f] = f2[i, f]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _continues(rseq, rn, seq):
     """Whether ``seq`` starts with the indexed request ``rseq[:rn]``."""
     if rn > seq.shape[0]:

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def index_extend(seq, start, end, prev, last):
     """Index ``seq[start:end]`` (positions are appended in order)."""
     for j in range(start, end):
@@ -32,7 +32,7 @@ def _h3(a, b, c, mask):
     return np.int64((h * np.uint64(0x94D049BB133111EB)) >> np.uint64(40)) & mask
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def index_extend3(seq, start, end, prev3, head3):
     """Chain the tri-grams ending at positions ``start..end-1``."""
     mask = head3.shape[0] - 1
@@ -52,7 +52,7 @@ def clear3(seq, n, head3):
         head3[_h3(seq[j - 2], seq[j - 1], seq[j], mask)] = -1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _ctx_tok(seq, n, ctx_tail, n_tail, q):
     """The token ``q`` back from the end of the context ``seq[:n] + ctx_tail[:n_tail]`` (-1 before its start)."""
     if q < n_tail:
@@ -61,7 +61,7 @@ def _ctx_tok(seq, n, ctx_tail, n_tail, q):
     return seq[idx] if idx >= 0 else -1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _tally(m, nxt, best, k, out_tok, out_cnt):
     """Count continuation ``nxt`` of a match of length ``m``: a longer match than ``best`` restarts the
     tally; an equal one adds to it (distinct tokens, at most ``out_tok``'s size). Returns (best, k)."""
@@ -80,7 +80,7 @@ def _tally(m, nxt, best, k, out_tok, out_cnt):
     return best, k
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def match3(seq, n, prev, last, prev3, head3, ctx_tail, n_tail, max_len, max_occ, out_tok, out_cnt):
     """:func:`match`, looking first at the occurrences of the context's last tri-gram (a short chain, and
     older long matches are found too); only when none continues does it walk the last token's occurrences
@@ -110,7 +110,7 @@ def match3(seq, n, prev, last, prev3, head3, ctx_tail, n_tail, max_len, max_occ,
     return match(seq, n, prev, last, ctx_tail, n_tail, max_len, max(1, max_occ // 4), out_tok, out_cnt)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def match(seq, n, prev, last, ctx_tail, n_tail, max_len, max_occ, out_tok, out_cnt):
     """Continuations of the context ``seq[:n] + ctx_tail[:n_tail]`` at its longest earlier match.
 
