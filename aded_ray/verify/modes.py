@@ -132,6 +132,7 @@ def preferred_cpu_mode() -> str:
     run once per machine kind and cached in ``$ADED_CACHE_DIR/modes`` so that every process of a machine,
     every restart included, makes the same choice."""
     import json
+    import os
 
     if not mkl_available():
         return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
@@ -148,7 +149,7 @@ def preferred_cpu_mode() -> str:
     us = probe_cpu_linears()
     choice = choose_cpu_mode(us)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{__import__('os').getpid()}.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"us": us, "choice": choice}))
     tmp.replace(path)
     return choice
