@@ -33,7 +33,7 @@ def _record_traces(a) -> int:
 def _bench_draft(a) -> int:
     from tqdm import tqdm
 
-    from aded_ray.bench.replay import TABLE_HEAD, AuthorsDrafter, replay, result_row
+    from aded_ray.bench.replay import TABLE_HEAD, authors_replay, replay, result_row
     from aded_ray.bench.traces import load_traces
     from aded_ray.draft.best import BestDrafter
     from aded_ray.draft.lookup import PromptLookupDrafter
@@ -72,20 +72,25 @@ def _bench_draft(a) -> int:
 
     drafters = [("aded_ray parity (ADED MCTS, budget 64)", lambda: warm(MCTSDrafter(matrix, seed=a.seed)))]
     if not a.no_authors:
-        drafters.append(("authors' draftretriever (budget 64)", lambda: AuthorsDrafter(authors, choices=64)))
+        drafters.append(("authors' draftretriever (budget 64)", None))     # replayed in a child process
     drafters.append(("prompt lookup (3..1-gram, 10 tokens)", PromptLookupDrafter))
     for b in a.budgets:
         drafters.append((f"aded_ray best (<= {b} nodes)", lambda b=b: warm(Budgeted(BestDrafter(matrix), b))))
     results = []
     for name, make in drafters:
+        if make is None:
+            results.append(authors_replay(traces, authors, 64, name, sweep_mb=a.sweep_mb))
+            continue
         d = make()
         with tqdm(total=len(traces), desc=name, unit="trace", disable=a.json or a.quiet, file=sys.stderr) as bar:
             results.append(replay(traces, d, name, progress=bar, sweep_mb=a.sweep_mb).summary())
     if a.model_loop:
         from aded_ray.bench.model_replay import model_replay
         from aded_ray.verify.loading import load_tokenizer
-        from aded_ray.verify.modes import load_for_mode
+        from aded_ray.verify.modes import load_for_mode, preferred_cpu_mode
 
+        if a.model_loop_mode == "auto":
+            a.model_loop_mode = preferred_cpu_mode()
         model = load_for_mode(None, a.model_loop_mode)
         eos = [load_tokenizer(None).eos_token_id]
         for b in a.budgets:
@@ -131,8 +136,10 @@ def _bench_generalize(a) -> int:
     authors = store.with_suffix(".authors.idx")
     matrix = TrigramMatrix.load(store)
     from aded_ray.verify.loading import load_tokenizer
-    from aded_ray.verify.modes import load_for_mode
+    from aded_ray.verify.modes import load_for_mode, preferred_cpu_mode
 
+    if a.mode == "auto":
+        a.mode = preferred_cpu_mode()
     model = load_for_mode(None, a.mode)
     eos = [load_tokenizer(None).eos_token_id]
     out.mkdir(parents=True, exist_ok=True)
@@ -485,7 +492,8 @@ def main(argv=None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--model-loop", action="store_true",
                    help="also run the best drafter with the model verifying its trees (recycled logits; slow)")
-    d.add_argument("--model-loop-mode", default="fp32-packed", help="exact verify mode for --model-loop")
+    d.add_argument("--model-loop-mode", default="auto",
+                   help="exact verify mode for --model-loop (auto: the service's CPU default on this machine)")
     d.add_argument("--budgets", type=int, nargs="*", default=[30, 16, 8], help="node budgets for the best mode")
     d.add_argument("--sweep-mb", type=float, default=0.0,
                    help="read this many MB of other memory before every replayed step (untimed): the caches as a "
@@ -503,7 +511,7 @@ def main(argv=None) -> int:
     gz.add_argument("--store", default=str(default_store()))
     gz.add_argument("--limit", type=int, default=None, help="traces scored per set (fitting uses all)")
     gz.add_argument("--budgets", type=int, nargs="+", default=[30, 16, 8])
-    gz.add_argument("--mode", default="fp32-packed", help="exact verify mode")
+    gz.add_argument("--mode", default="auto", help="exact verify mode (auto: the service's CPU default on this machine)")
     gz.add_argument("--table", action="store_true", help="print the table of the results in --out-dir and exit")
     gz.add_argument("--quiet", action="store_true")
     gz.set_defaults(fn=_bench_generalize)

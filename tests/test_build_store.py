@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from aded_ray.bench.replay import AuthorsDrafter, replay
+from aded_ray.bench.replay import AuthorsDrafter, authors_replay, replay
 from aded_ray.build_store import build_store
 from aded_ray.cli import main
 from aded_ray.data import iter_corpus
@@ -35,6 +35,9 @@ def test_build_store_from_jsonl(tmp_path, tokenizer, capsys):
     ours = replay([trace], MCTSDrafter(m)).mat
     theirs = replay([trace], AuthorsDrafter(tmp_path / "s.authors.idx")).mat
     assert ours > 1.5 and theirs > 1.5
+    # the benches replay it in a child process (it leaves theirs slower for what runs after it)
+    child = authors_replay([trace], tmp_path / "s.authors.idx", 64, "theirs")
+    assert child["name"] == "theirs" and child["traces"] == 1 and abs(child["mat"] - theirs) < 0.5
     assert len(AuthorsDrafter(tmp_path / "s.authors.idx").draft([ids[0]])) == 0   # guarded: no abort
 
 

@@ -91,7 +91,7 @@ def evaluate_set(name: str, sets: dict[str, list[dict]], matrix, model, *, budge
     """Score set ``name`` (its first ``limit`` traces) with everything fitted on all the other sets' traces;
     returns the rows of the run."""
     from aded_ray.bench.model_replay import model_replay
-    from aded_ray.bench.replay import AuthorsDrafter, replay
+    from aded_ray.bench.replay import authors_replay, replay
     from aded_ray.draft.best import BestDrafter
     from aded_ray.draft.lookup import PromptLookupDrafter
 
@@ -99,8 +99,7 @@ def evaluate_set(name: str, sets: dict[str, list[dict]], matrix, model, *, budge
     params = fit_params({k: v for k, v in sets.items() if k != name}, matrix.vocab_size)
     rows = []
     if authors is not None:
-        rows.append({**replay(traces, AuthorsDrafter(authors, choices=64), "authors' draftretriever (64)").summary(),
-                     "drafter": "authors"})
+        rows.append({**authors_replay(traces, authors, 64, "authors' draftretriever (64)"), "drafter": "authors"})
     rows.append({**replay(traces, PromptLookupDrafter(), "prompt lookup").summary(), "drafter": "lookup"})
     for b in budgets:
         matrix.reset_deltas()
