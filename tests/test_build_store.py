@@ -35,7 +35,7 @@ def test_build_store_from_jsonl(tmp_path, tokenizer, capsys):
     ours = replay([trace], MCTSDrafter(m)).mat
     theirs = replay([trace], AuthorsDrafter(tmp_path / "s.authors.idx")).mat
     assert ours > 1.5 and theirs > 1.5
-    # the benches replay it in a child process (it leaves theirs slower for what runs after it)
+    # the benches replay it in a child process (in theirs it slows the drafters timed after it)
     child = authors_replay([trace], tmp_path / "s.authors.idx", 64, "theirs")
     assert child["name"] == "theirs" and child["traces"] == 1 and abs(child["mat"] - theirs) < 0.5
     assert len(AuthorsDrafter(tmp_path / "s.authors.idx").draft([ids[0]])) == 0   # guarded: no abort

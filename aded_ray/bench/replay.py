@@ -142,7 +142,8 @@ def authors_replay(traces: list[dict], index_path, choices: int = 64, name: str 
 
     In the benchmark's own process, the Rust reader (its index loaded, searched and freed) leaves the process
     slower for the drafters timed after it: aded_ray's drafter in the model loop measured 401 µs p50 after it
-    against 276 µs without it (MT-Bench dev set, <= 30 nodes, same run length), a state our service never has.
+    against 276 µs without it and 239 µs with it in a child process (MT-Bench dev set, <= 30 nodes, ``fp32-mkl``,
+    the 2-core AMD EPYC), a state the service never has.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
