@@ -97,9 +97,10 @@ class VerifyConfig(_Strict):
             return "fp32"  # AutoTP shards nn.Linear: no pre-packing
         from aded_ray.verify.modes import preferred_cpu_mode
 
-        # MKL-packed linears where a probe of this machine finds MKL's kernel no slower than oneDNN's (it is
-        # 1.3-1.5x faster on the Xeon measured; verify/modes.py); compiled graphs call the same packed weights
-        # (one copy for the eager passes and every compiled shape)
+        # the packed linears whose kernels a probe of this machine finds row-invariant (a row's bits do not
+        # depend on the rows beside it), MKL's where both are and it is no slower than oneDNN's (1.3-1.5x faster
+        # on the Xeon measured; ~2x slower and not row-invariant on the AMD EPYC; verify/modes.py); compiled
+        # graphs call the same packed weights (one copy for the eager passes and every compiled shape)
         mode = preferred_cpu_mode()
         if self.compile is True and mode != "fp32-mkl":
             return "fp32"  # the compiler packs by itself (a copy per compiled shape)

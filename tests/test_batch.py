@@ -173,16 +173,21 @@ def test_a_prompt_chunk_riding_in_a_decoding_pass_is_its_own_prefill_bit_for_bit
     # without it: bit for bit with pre-packed linears (oneDNN's and MKL's packed kernels compute a row the
     # same whatever the other rows); eager fp32 rounds by the shape of the whole pass, as any batched pass does
     from aded_ray.verify.batch import PrefillChunk
-    from aded_ray.verify.modes import MklPackedLinear, PackedLinear, mkl_available, pack_linears
+    from aded_ray.verify.modes import MklPackedLinear, PackedLinear, mkl_available, pack_linears, row_invariant
 
     if packed:
         import copy
         if packed == "MKL" and not mkl_available():
             pytest.skip("this torch build has no MKL")
         model = pack_linears(copy.deepcopy(model), MklPackedLinear if packed == "MKL" else PackedLinear)
+    # bit for bit where the packed kernels are row-invariant at these row counts (2+): oneDNN's on every CPU
+    # measured, MKL's where the service's probe finds it (the Xeon, not the AMD EPYC, where the probe makes
+    # the service choose oneDNN)
+    exact = packed == "oneDNN" or (packed == "MKL" and row_invariant(MklPackedLinear))
+    tol = 1e-4 if packed is None else 1e-3     # MKL where it is not row-invariant: each linear rounds its own way
 
     def same(a, b):
-        return torch.equal(a, b) if packed else (a - b).abs().max().item() < 1e-4
+        return torch.equal(a, b) if exact else (a - b).abs().max().item() < tol
     prompts = [list(range(100, 140)), list(range(300, 352))]
     newcomer = list(range(700, 790))
     trees = [DraftTree([11, 12, 13], [-1, 0, 0]), DraftTree()]

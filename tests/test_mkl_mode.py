@@ -27,20 +27,68 @@ def test_packed_linear_is_the_linear_on_literal_values():
 
 
 @pytest.mark.parametrize("n_out,n_in", [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 576)])
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it(n_out, n_in):
-    # SmolLM2's projections (q/o, k/v, gate/up, down; a slice of the LM head): every row of a call of 1 to 40
-    # rows, at several offsets, is bit for bit that row of one 64-row call. oneDNN's packed down_proj is not
-    # (a lone row takes another kernel), nor is a pack made for one row (so the pack is made for 64)
+def test_a_rows_result_is_independent_of_the_rows_beside_it_exactly_where_the_probe_says_so(n_out, n_in):
+    # SmolLM2's projections (q/o, k/v, gate/up, down; a slice of the LM head): is every row of a call of 1 to 40
+    # rows, at several offsets, bit for bit that row of one 64-row call? On the AVX-512 Xeon yes (oneDNN's
+    # packed down_proj is not: a lone row takes another kernel; nor is a pack made for one row, so the pack is
+    # made for 64); on the AVX2 AMD EPYC no (odd counts below 10 take other kernels). Whichever it is, the
+    # probe the service chooses its mode by (``row_invariant``, on its own shapes) must say the same
+    from aded_ray.verify.modes import row_invariant
+
     torch.manual_seed(n_out + n_in)
     lin = torch.nn.Linear(n_in, n_out, bias=False)
     packed = MklPackedLinear(lin)
     x = torch.randn(64, n_in)
+    same = True
     with torch.no_grad():
         full = packed(x)
         np.testing.assert_allclose(full.numpy(), lin(x).numpy(), atol=1e-4)
         for rows in list(range(1, 18)) + [31, 32, 33, 40]:
             for start in (0, 3, 64 - rows):
-                assert torch.equal(packed(x[start:start + rows].contiguous()), full[start:start + rows]), (rows, start)
+                got = packed(x[start:start + rows].contiguous())
+                np.testing.assert_allclose(got.numpy(), full[start:start + rows].numpy(), atol=1e-4)
+                same &= torch.equal(got, full[start:start + rows])
+    assert same == row_invariant(MklPackedLinear)
+
+
+class _RowByRow(torch.nn.Module):
+    """A linear computed one row at a time: row-invariant by construction; ``skew`` makes odd-sized calls round
+    differently, as a kernel chosen by the row count would."""
+
+    def __init__(self, lin, skew=0.0):
+        super().__init__()
+        self.lin, self.skew = lin, skew
+
+    def forward(self, x):
+        y = torch.stack([self.lin(r[None])[0] for r in x])
+        return y + self.skew * (x.shape[0] % 2)
+
+
+def test_row_invariance_probe_on_kernels_that_are_and_are_not():
+    from aded_ray.verify.modes import row_invariant
+
+    assert row_invariant(_RowByRow, counts=(1, 2, 3, 8), full=16)
+    assert not row_invariant(lambda lin: _RowByRow(lin, skew=1e-3), counts=(1, 2, 3, 8), full=16)
+    assert row_invariant(lambda lin: _RowByRow(lin, skew=1e-3), counts=(2, 4, 8), full=16)   # even counts only
+
+
+def test_the_service_chooses_a_row_invariant_mode_where_this_cpu_has_one(tmp_path, monkeypatch):
+    import json
+
+    from aded_ray.verify import modes
+
+    monkeypatch.setenv("ADED_CACHE_DIR", str(tmp_path))
+    inv = {"fp32-mkl": modes.row_invariant(modes.MklPackedLinear), "fp32-packed": modes.row_invariant(modes.PackedLinear)}
+    assert modes.cpu_row_invariance() == inv
+    choice = modes.preferred_cpu_mode()
+    if any(inv.values()):
+        assert inv[choice], (choice, inv)
+    saved = json.loads(next((tmp_path / "modes").glob("cpu-linears-*.json")).read_text())
+    assert saved["row_invariant"] == inv and saved["choice"] == choice
+    # a file from before the invariance probe (timings only) is probed again, not trusted
+    (tmp_path / "modes" / next((tmp_path / "modes").glob("*.json")).name).write_text(
+        json.dumps({"us": {"fp32-mkl": 1.0, "fp32-packed": 2.0}, "choice": "bogus"}))
+    assert modes.preferred_cpu_mode() == choice
 
 
 @pytest.mark.parametrize("probe", ["fp32-mkl", "fp32-packed"])
@@ -77,6 +125,7 @@ def test_the_probe_prefers_mkl_unless_onednn_is_clearly_faster_and_is_cached_per
     us = modes.probe_cpu_linears(reps=5)
     assert set(us) == {"fp32-mkl", "fp32-packed"} and all(v > 0 for v in us.values())
     monkeypatch.setenv("ADED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(modes, "cpu_row_invariance", lambda: {"fp32-mkl": True, "fp32-packed": True})  # timings decide
     probes = []
     monkeypatch.setattr(modes, "probe_cpu_linears", lambda: probes.append(1) or {"fp32-mkl": 300.0,
                                                                                   "fp32-packed": 200.0})

@@ -98,13 +98,46 @@ PROBE_SHAPES = ((1536, 576), (576, 1536), (576, 576))    # (out, in): a small mo
 MKL_SLACK = 1.10          # MKL is preferred unless oneDNN is more than this much faster: a stable choice
 
 
-def choose_cpu_mode(us: dict[str, float]) -> str:
-    """The exact CPU mode from probe timings (µs per round of the probe's linears):
+def choose_cpu_mode(us: dict[str, float], invariant: dict[str, bool] | None = None) -> str:
+    """The exact CPU mode from probe timings (µs per round of the probe's linears) and, when given, whether
+    each mode's kernels are row-invariant (:func:`row_invariant`): a row-invariant mode wins over a faster one
+    that is not; between equals, MKL unless oneDNN is more than ``MKL_SLACK`` faster:
 
     >>> choose_cpu_mode({"fp32-mkl": 100.0, "fp32-packed": 95.0}), choose_cpu_mode({"fp32-mkl": 120.0, "fp32-packed": 100.0})
     ('fp32-mkl', 'fp32-packed')
+    >>> choose_cpu_mode({"fp32-mkl": 90.0, "fp32-packed": 100.0}, {"fp32-mkl": False, "fp32-packed": True})
+    'fp32-packed'
+    >>> choose_cpu_mode({"fp32-mkl": 200.0, "fp32-packed": 100.0}, {"fp32-mkl": True, "fp32-packed": False})
+    'fp32-mkl'
     """
+    if invariant and invariant.get("fp32-mkl") != invariant.get("fp32-packed"):
+        return "fp32-mkl" if invariant.get("fp32-mkl") else "fp32-packed"
     return "fp32-mkl" if us["fp32-mkl"] <= MKL_SLACK * us["fp32-packed"] else "fp32-packed"
+
+
+ROW_COUNTS = tuple(range(1, 18)) + (31, 32, 33, 40)
+
+
+def row_invariant(kind, shapes=PROBE_SHAPES, counts=ROW_COUNTS, full: int = 64) -> bool:
+    """Whether a packed linear of ``kind`` computes a row bit for bit the same whatever the number of rows in
+    the call (each of ``counts`` rows against those rows of one ``full``-row call, random weights). Where it
+    does, a tree pass, a batched pass and a lone decoding step give a token's row the same bits. It depends on
+    the CPU, not only on the library: MKL's packed sgemm is row-invariant on the AVX-512 Xeon and not on the
+    AVX2 AMD EPYC (odd row counts below 10 take other kernels there); oneDNN's is on the EPYC, and not on the
+    Xeon for a lone row of the 1536-input projection."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.inference_mode():
+        for n, k in shapes:
+            lin = torch.nn.Linear(k, n, bias=False)
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(n, k, generator=gen) / k ** 0.5)
+            m = kind(lin)
+            x = torch.randn(full, k, generator=gen)
+            ref = m(x)
+            for c in counts:
+                if not torch.equal(m(x[:c].contiguous()), ref[:c]):
+                    return False
+    return True
 
 
 def probe_cpu_linears(rows: int = 8, reps: int = 60) -> dict[str, float]:
@@ -127,6 +160,17 @@ def probe_cpu_linears(rows: int = 8, reps: int = 60) -> dict[str, float]:
     return {name: round(1e6 * sorted(ts)[len(ts) // 2], 1) for name, ts in times.items()}
 
 
+_INVARIANCE: dict[str, bool] = {}
+
+
+def cpu_row_invariance() -> dict[str, bool]:
+    """:func:`row_invariant` of both packed modes on this CPU (measured once per process, ~0.1 s)."""
+    if not _INVARIANCE:
+        _INVARIANCE.update({"fp32-mkl": mkl_available() and row_invariant(MklPackedLinear),
+                            "fp32-packed": torch.backends.mkldnn.is_available() and row_invariant(PackedLinear)})
+    return dict(_INVARIANCE)
+
+
 def preferred_cpu_mode() -> str:
     """``fp32-mkl`` or ``fp32-packed`` for this machine (or ``fp32`` without either library): the probe above,
     run once per machine kind and cached in ``$ADED_CACHE_DIR/modes`` so that every process of a machine,
@@ -143,14 +187,17 @@ def preferred_cpu_mode() -> str:
 
     path = cache_dir() / "modes" / f"cpu-linears-{machine_key()}.json"
     try:
-        return json.loads(path.read_text())["choice"]
+        got = json.loads(path.read_text())
+        if "row_invariant" in got:              # probed by this version (earlier files: timings only)
+            return got["choice"]
     except (OSError, ValueError, KeyError):
         pass
     us = probe_cpu_linears()
-    choice = choose_cpu_mode(us)
+    invariant = cpu_row_invariance()
+    choice = choose_cpu_mode(us, invariant)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"us": us, "choice": choice}))
+    tmp.write_text(json.dumps({"us": us, "row_invariant": invariant, "choice": choice}))
     tmp.replace(path)
     return choice
 
