@@ -73,14 +73,11 @@ class Engine:
         if v.threads:
             torch.set_num_threads(v.threads)
         self.device, self.mode = v.resolved_device(), v.resolved_mode()
-        if self.device == "cpu" and self.mode in ("fp32-mkl", "fp32-packed"):
-            from aded_ray.verify.modes import cpu_row_invariance
+        if self.device == "cpu":
+            from aded_ray.verify.modes import row_invariance_warning
 
-            if not cpu_row_invariance()[self.mode]:
-                log.warning("%s: this CPU's packed kernels round a row by the number of rows in the call, so a "
-                            "tree pass and a plain step can differ in the last bits (outputs equal plain decoding "
-                            "up to near-ties); modes whose kernels are row-invariant here: %s", self.mode,
-                            [m for m, ok in cpu_row_invariance().items() if ok] or "none")
+            if warning := row_invariance_warning(self.mode):
+                log.warning(warning)
         self.widths = v.resolved_widths() if v.tp_size == 1 and not cfg.compiled_batched else []
         self.model_path = resolve_model(v.model)
         self.tokenizer = load_tokenizer(v.model)

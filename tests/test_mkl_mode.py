@@ -125,12 +125,29 @@ def test_the_probe_prefers_mkl_unless_onednn_is_clearly_faster_and_is_cached_per
     us = modes.probe_cpu_linears(reps=5)
     assert set(us) == {"fp32-mkl", "fp32-packed"} and all(v > 0 for v in us.values())
     monkeypatch.setenv("ADED_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(modes, "cpu_row_invariance", lambda: {"fp32-mkl": True, "fp32-packed": True})  # timings decide
+    invariance = []         # both modes row-invariant: the timings decide
+    monkeypatch.setattr(modes, "measure_row_invariance", lambda: invariance.append(1) or {"fp32-mkl": True,
+                                                                                         "fp32-packed": True})
     probes = []
     monkeypatch.setattr(modes, "probe_cpu_linears", lambda: probes.append(1) or {"fp32-mkl": 300.0,
                                                                                   "fp32-packed": 200.0})
     assert modes.preferred_cpu_mode() == "fp32-packed" and modes.preferred_cpu_mode() == "fp32-packed"
     assert len(probes) == 1 and len(list((tmp_path / "modes").glob("cpu-linears-*.json"))) == 1   # measured once
+    if modes._both_libraries():     # the engine's invariance check reads the same file: nothing measured again
+        assert modes.cpu_row_invariance() == {"fp32-mkl": True, "fp32-packed": True}
+        assert len(probes) == 1 and len(invariance) == 1
+
+
+def test_an_engine_warns_only_for_a_packed_mode_that_is_not_row_invariant_here(monkeypatch):
+    from aded_ray.verify import modes
+
+    monkeypatch.setattr(modes, "cpu_row_invariance", lambda: {"fp32-mkl": False, "fp32-packed": True})
+    warning = modes.row_invariance_warning("fp32-mkl")
+    assert "fp32-mkl" in warning and "['fp32-packed']" in warning
+    assert modes.row_invariance_warning("fp32-packed") is None
+    assert modes.row_invariance_warning("fp32") is None and modes.row_invariance_warning("bf16-packed") is None
+    monkeypatch.setattr(modes, "cpu_row_invariance", lambda: {"fp32-mkl": False, "fp32-packed": False})
+    assert "none" in modes.row_invariance_warning("fp32-packed")
 
 
 def test_fp32_mkl_refuses_what_it_cannot_run():

@@ -163,43 +163,74 @@ def probe_cpu_linears(rows: int = 8, reps: int = 60) -> dict[str, float]:
 _INVARIANCE: dict[str, bool] = {}
 
 
-def cpu_row_invariance() -> dict[str, bool]:
-    """:func:`row_invariant` of both packed modes on this CPU (measured once per process, ~0.1 s)."""
+def measure_row_invariance() -> dict[str, bool]:
+    """:func:`row_invariant` of both packed modes on this CPU (measured once per process, ~0.1 s; a mode whose
+    library this torch build lacks is ``False``)."""
     if not _INVARIANCE:
         _INVARIANCE.update({"fp32-mkl": mkl_available() and row_invariant(MklPackedLinear),
                             "fp32-packed": torch.backends.mkldnn.is_available() and row_invariant(PackedLinear)})
     return dict(_INVARIANCE)
 
 
-def preferred_cpu_mode() -> str:
-    """``fp32-mkl`` or ``fp32-packed`` for this machine (or ``fp32`` without either library): the probe above,
-    run once per machine kind and cached in ``$ADED_CACHE_DIR/modes`` so that every process of a machine,
-    every restart included, makes the same choice."""
+def _both_libraries() -> bool:
+    return mkl_available() and torch.backends.mkldnn.is_available()
+
+
+def cpu_probe() -> dict:
+    """This machine's CPU probe, ``{"us": ..., "row_invariant": ..., "choice": ...}``: measured once per machine
+    kind (:func:`probe_cpu_linears`, :func:`measure_row_invariance`, :func:`choose_cpu_mode`) and cached in
+    ``$ADED_CACHE_DIR/modes`` so that every process of a machine, every restart included, reads the same verdict
+    instead of measuring again. Files written before the invariance probe (timings only) are measured again."""
     import json
     import os
 
-    if not mkl_available():
-        return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
-    if not torch.backends.mkldnn.is_available():
-        return "fp32-mkl"
     from aded_ray.paths import cache_dir
     from aded_ray.verify.cost import machine_key
 
     path = cache_dir() / "modes" / f"cpu-linears-{machine_key()}.json"
     try:
         got = json.loads(path.read_text())
-        if "row_invariant" in got:              # probed by this version (earlier files: timings only)
-            return got["choice"]
+        if "row_invariant" in got and got.get("choice") in MODES:
+            return got
     except (OSError, ValueError, KeyError):
         pass
     us = probe_cpu_linears()
-    invariant = cpu_row_invariance()
-    choice = choose_cpu_mode(us, invariant)
+    invariant = measure_row_invariance()
+    got = {"us": us, "row_invariant": invariant, "choice": choose_cpu_mode(us, invariant)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"us": us, "row_invariant": invariant, "choice": choice}))
+    tmp.write_text(json.dumps(got))
     tmp.replace(path)
-    return choice
+    return got
+
+
+def cpu_row_invariance() -> dict[str, bool]:
+    """Whether each packed mode is row-invariant on this CPU: the cached probe's verdict where torch has both
+    libraries (the service's choice was made from it), else measured once per process."""
+    return dict(cpu_probe()["row_invariant"]) if _both_libraries() else measure_row_invariance()
+
+
+def row_invariance_warning(mode: str) -> str | None:
+    """The warning an engine logs when it runs a packed CPU mode whose kernels are not row-invariant here (a
+    mode asked for explicitly; the automatic choice avoids them where it can), else ``None``."""
+    if mode not in ("fp32-mkl", "fp32-packed"):
+        return None
+    invariance = cpu_row_invariance()
+    if invariance.get(mode):
+        return None
+    return (f"{mode}: this CPU's packed kernels round a row by the number of rows in the call, so a tree pass "
+            "and a plain step can differ in the last bits (outputs equal plain decoding up to near-ties); modes "
+            f"whose kernels are row-invariant here: {[m for m, ok in invariance.items() if ok] or 'none'}")
+
+
+def preferred_cpu_mode() -> str:
+    """``fp32-mkl`` or ``fp32-packed`` for this machine (or ``fp32`` without either library): the choice of
+    :func:`cpu_probe`, cached per machine kind."""
+    if not mkl_available():
+        return "fp32-packed" if torch.backends.mkldnn.is_available() else "fp32"
+    if not torch.backends.mkldnn.is_available():
+        return "fp32-mkl"
+    return cpu_probe()["choice"]
 
 
 def load_for_mode(model: str | None, mode: str, device: str = "cpu"):
