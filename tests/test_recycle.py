@@ -16,15 +16,35 @@ def test_table_prefers_the_exact_pair_and_falls_back_to_the_last_token():
     t = RecycleTable(100, k=3)
     t.record([5], [7], [[8, 9, 10]], [[0.6, 0.3, 0.1]])          # after (5, 7): 8 9 10
     t.record([6], [7], [[11, 12, 0]], [[0.9, 0.05, 0.0]])        # after (6, 7): 11 12 (latest for 7)
-    assert t.get(5, 7) == ([8, 9, 10], pytest.approx([0.6, 0.3, 0.1]), True)
+    assert t.get(5, 7) == ([8, 9, 10], pytest.approx([0.6, 0.3, 0.1], abs=1e-5), True)
     assert t.get(6, 7)[0] == [11, 12] and t.get(6, 7)[2]
     ids, _, exact = t.get(4, 7)                                  # unseen pair: the last token's latest row
     assert ids == [11, 12] and not exact
     assert t.get(1, 2) == ([], [], False)                        # never seen
     t.record([-1], [3], [[4, 0, 0]], [[1.0, 0, 0]])              # unknown previous token: last-token row only
-    assert t.get(9, 3) == ([4], [1.0], False)
+    assert t.get(9, 3) == ([4], [1.0], False)          # probabilities kept in 1/65535 steps
     t.clear()
     assert t.get(5, 7) == ([], [], False)
+
+
+def test_table_is_compact_and_keeps_ids_of_large_vocabularies():
+    from aded_ray.draft.recycle import quantize
+
+    small = RecycleTable(49152)                 # SmolLM2: uint16 ids and probabilities, uint32 keys
+    assert (small.keys.dtype, small.ids.dtype, small.probs.dtype) == (np.uint32, np.uint16, np.uint16)
+    assert small.nbytes < 21_000_000            # 41.3 MB as int64 / int32 / float32
+    assert small.filled() == 0
+    big = RecycleTable(70_000, k=2, slot_bits=8)     # ids above 65535, pair keys above 2**32
+    assert (big.keys.dtype, big.ids.dtype) == (np.int64, np.int32)
+    big.record([69_998], [69_999], [[65_537, 3]], [[0.7, 0.2]])
+    assert big.get(69_998, 69_999) == ([65_537, 3], pytest.approx([0.7, 0.2], abs=1e-5), True)
+    assert big.filled() == 2
+    assert [int(quantize(p)) for p in (0.0, -1.0, float("nan"), 2.0, 1.0, 0.5, 3e-6, 1e-5)] == \
+        [0, 0, 0, 65535, 65535, 32768, 0, 1]
+    small.record([1], [2], [[5, 6, 7]], [[0.9, 4e-6, 1e-7]])       # below half a step: ends the row
+    assert small.get(1, 2)[0] == [5]
+    small.clear()
+    assert small.filled() == 0 and small.get(1, 2) == ([], [], False)
 
 
 def test_table_rejects_mismatched_shapes():

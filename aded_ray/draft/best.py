@@ -129,9 +129,9 @@ def _candidates(rix, hix, mat, rec, tail, n_tail, off_path, prm_f, prm_i, rconf,
     if row >= 0:
         s, conf = (S_PAIR, prm_f[3]) if exact else (S_LAST, prm_f[4])
         for j in range(rids.shape[1]):
-            if rprobs[row, j] <= 0.0:
+            if rprobs[row, j] == 0:
                 break
-            n = _add(toks, cp, n, rids[row, j], s, conf * rprobs[row, j])
+            n = _add(toks, cp, n, rids[row, j], s, conf * (rprobs[row, j] * R.P_STEP))
     return n
 
 

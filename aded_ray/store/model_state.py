@@ -113,8 +113,9 @@ def apply_entries(keys, ids, probs, lver, lwid, n_tokens, slot_bits, ctx, ver, w
         top = max(top, ver[i])
         if ver[i] > lver[row] or (ver[i] == lver[row] and wid[i] > lwid[row]):
             keys[row] = -c - 1 if c < 0 else c
-            ids[row, :] = eids[i, :]
-            probs[row, :] = eprobs[i, :]
+            for j in range(ids.shape[1]):
+                ids[row, j] = eids[i, j]
+                probs[row, j] = R.quantize(eprobs[i, j])
             lver[row], lwid[row] = ver[i], wid[i]
     return top
 
