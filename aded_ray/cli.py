@@ -288,7 +288,7 @@ def _bench_store(a) -> int:
             rollouts.main([w])
         files.append(str(f))
     if not files:
-        raise SystemExit("bench-store: give --traces FILE... and/or --workload rollouts tasks")
+        raise SystemExit("bench-store: give --traces FILE... and/or --workload rollouts tasks repeats")
     server = None
     url = a.redis_url
     if not url:
@@ -311,7 +311,12 @@ def _bench_store(a) -> int:
         print(f"fleet of {a.processes} processes, drafter {a.drafter}, steps paced to {pace:.1f} ms")
         print(HEAD)
         for f in files:
-            r = run_fleet(load_traces(f)[:a.limit] if a.limit else load_traces(f), a.store, processes=a.processes,
+            traces = load_traces(f)[:a.limit] if a.limit else load_traces(f)
+            if Path(f).stem == "repeats":
+                from aded_ray.bench.rollouts import repeat_rounds
+
+                traces = repeat_rounds(traces, a.rounds)
+            r = run_fleet(traces, a.store, processes=a.processes,
                           drafter=a.drafter, url=url, pace_ms=pace, first=a.first, share_model=not a.no_share_model)
             print(markdown(Path(f).stem, a.drafter, r, step), flush=True)
             if a.json:
@@ -546,9 +551,10 @@ def main(argv=None) -> int:
 
     f = sub.add_parser("bench-store", help="trace replay by a fleet: shared Redis store vs isolated vs single")
     f.add_argument("--traces", nargs="+", help="trace files (aded record-traces, or python -m aded_ray.bench.rollouts)")
-    f.add_argument("--workload", nargs="+", choices=("rollouts", "tasks"),
+    f.add_argument("--workload", nargs="+", choices=("rollouts", "tasks", "repeats"),
                    help="repeated-request workloads from the cache (recorded first when missing)")
     f.add_argument("--limit", type=int, default=None, help="the first N traces of each file")
+    f.add_argument("--rounds", type=int, default=4, help="repeats: rounds of the same requests")
     f.add_argument("--first", type=int, default=10, help="late replica: compared on its first N requests")
     f.add_argument("--no-share-model", action="store_true", help="share no recycled predictions nor combiner")
     f.add_argument("--store", default=str(default_store()))

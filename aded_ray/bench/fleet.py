@@ -14,10 +14,12 @@ Fleet processes are paced: a replay step lasts at least ``pace_ms`` (the model's
 machine, from the measured cost curve), otherwise a replay, ~100x faster than decoding, would make the
 store's sub-second staleness look like dozens of requests.
 
-**Late replica.** The last replica joins late: the others start with their deals, and it starts when the
-shared fleet had served half of its deal, serving the second half, connected to the store (warm start from
-the fleet's merged state) or alone (cold). Its first ``first`` requests are compared with the same
-requests served by the shared fleet in which it ran from the start.
+**Late replica.** The last replica joins late: the others start with their deals plus the first half of its
+deal (:func:`late_deals`: the traffic a load balancer routes to the live replicas meanwhile), and it starts
+when the shared fleet had served half of its deal (scaled by ``p / (p - 1)``: the others carry its share),
+serving the second half, connected to the store (warm start from the fleet's merged state) or alone (cold).
+Its first ``first`` requests are compared with the same requests served by the shared fleet in which it ran
+from the start: both fleets have served every earlier request.
 
 Store cost: what the decode thread spends on the store per step (recording its own deltas, predictions and
 finished requests, applying the pulled ones; flush and pull run in a background thread).
@@ -131,6 +133,26 @@ def _mat(per_trace) -> float:
     return round(sum(e for _, e in per_trace) / max(sum(s for s, _ in per_trace), 1), 4)
 
 
+def late_deals(deal: list[list[dict]], half: int) -> list[list[dict]]:
+    """The late run's deals: the last replica serves ``deal[-1][half:]``; what it would have served before
+    joining, ``deal[-1][:half]``, goes to the others (as a load balancer routes around an absent replica),
+    request ``j`` to replica ``j % (p - 1)`` right after that replica's own ``j``-th request, so the fleet it
+    joins has seen every earlier request, as the fleet it is compared with had."""
+    p = len(deal)
+    if p < 2:
+        return [deal[0][half:]]
+    out = []
+    for i in range(p - 1):
+        mine = []
+        for k, t in enumerate(deal[i]):
+            mine.append(t)
+            if k < half and k % (p - 1) == i:
+                mine.append(deal[-1][k])
+        mine += [deal[-1][j] for j in range(len(deal[i]), half) if j % (p - 1) == i]
+        out.append(mine)
+    return out + [deal[-1][half:]]
+
+
 def run_fleet(traces: list[dict], store: str, *, processes: int = 4, drafter: str = "aded",
               url: str | None = None, pace_ms: float = 0.0, first: int = 10, share_model: bool = True) -> dict:
     """MAT of a shared fleet, an isolated fleet and a single process over the same traces (round robin),
@@ -148,7 +170,8 @@ def run_fleet(traces: list[dict], store: str, *, processes: int = 4, drafter: st
         half = len(deal[-1]) // 2
         steps_half = sum(s for s, _ in last["per_trace"][:half])
         delay = last["wall_s"] * steps_half / max(last["steps"], 1)
-        late_deal = deal[:-1] + [deal[-1][half:]]
+        late_deal = late_deals(deal, half)
+        delay *= processes / max(processes - 1, 1)      # the others serve the absent one's share meanwhile
         late = _fleet(late_deal, store, drafter, url, f"bench-{time.time_ns()}", pace_ms,
                       delays=[0.0] * (processes - 1) + [delay], share_model=share_model)
         cold = _fleet([deal[-1][half:]], store, drafter, None, None, 0.0)

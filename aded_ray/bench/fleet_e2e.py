@@ -1,5 +1,6 @@
-"""End to end: a fleet of engine processes (the model verifying) serving the rollout workload, sharing one
-Redis store or each alone; tokens/s and MAT.
+"""End to end: a fleet of engine processes (the model verifying) serving the rollout workload (or the
+repeats workload: the same prompts, greedy, in ``rounds`` rounds of random order), sharing one Redis store
+or each alone; tokens/s and MAT.
 
 Each process builds an :class:`aded_ray.engine.Engine` (``threads`` torch threads, one request at a time),
 warms up on one unrelated request, connects its matrix and drafter to the store (shared) or not
@@ -18,7 +19,7 @@ def _worker(args) -> dict:
     from aded_ray.config import EngineConfig, VerifyConfig
     from aded_ray.engine import Engine
 
-    store, requests, url, ns, ready_dir, n_procs, max_new, threads, temperature = args
+    store, requests, url, ns, ready_dir, n_procs, max_new, threads, temperature, speculate = args
     eng = Engine(EngineConfig(store=store, max_batch=1, verify=VerifyConfig(threads=threads, device="cpu")))
     list(eng.generate("Say hello.", chat=True, max_new_tokens=8))
     shared = None
@@ -39,7 +40,8 @@ def _worker(args) -> dict:
     outs = []
     for r in requests:
         ids, stats = [], None
-        for ch in eng.generate(r["prompt_ids"], max_new_tokens=max_new, temperature=temperature, seed=r["seed"]):
+        for ch in eng.generate(r["prompt_ids"], max_new_tokens=max_new, temperature=temperature, seed=r["seed"],
+                               speculate=speculate):
             ids += ch.token_ids
             stats = ch.stats or stats
         outs.append({"id": r["id"], "ids": ids, "steps": stats.steps, "emitted": stats.emitted})
@@ -70,20 +72,20 @@ def rollout_requests(traces: list[dict], per_set: int) -> list[dict]:
 
 
 def fleet_jobs(requests: list[dict], store, url, ready: str, processes: int, max_new: int, threads: int,
-               temperature: float) -> list[tuple]:
+               temperature: float, speculate: bool = True) -> list[tuple]:
     """One worker's arguments per process: requests dealt round robin, and **one** store namespace for the
     whole fleet (a namespace per process would be four isolated stores under one Redis)."""
     ns = f"e2e-{time.time_ns()}"
-    return [(store, requests[i::processes], url, ns, ready, processes, max_new, threads, temperature)
+    return [(store, requests[i::processes], url, ns, ready, processes, max_new, threads, temperature, speculate)
             for i in range(processes)]
 
 
 def run(requests: list[dict], store: str | None, url: str | None, *, processes: int = 4, max_new: int = 96,
-        threads: int = 1, temperature: float = 0.8) -> dict:
+        threads: int = 1, temperature: float = 0.8, speculate: bool = True) -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory() as ready:
-        jobs = fleet_jobs(requests, store, url, ready, processes, max_new, threads, temperature)
+        jobs = fleet_jobs(requests, store, url, ready, processes, max_new, threads, temperature, speculate)
         with mp.get_context("spawn").Pool(processes) as pool:
             outs = pool.map(_worker, jobs)
     tokens = sum(len(o["ids"]) for w in outs for o in w["outs"])
@@ -104,31 +106,47 @@ def main(argv=None) -> int:
     from aded_ray.paths import cache_dir, default_store
     from aded_ray.store.server import RedisServer
 
-    ap = argparse.ArgumentParser(description="end-to-end fleet on the rollout workload: shared vs isolated")
-    ap.add_argument("--traces", default=str(cache_dir() / "traces" / "rollouts.jsonl"))
+    ap = argparse.ArgumentParser(description="end-to-end fleet on a repeated-request workload: shared vs isolated")
+    ap.add_argument("--workload", choices=("rollouts", "repeats"), default="rollouts",
+                    help="rollouts: every sample of a prompt, temperature 0.8; repeats: the prompts (greedy) "
+                         "in --rounds rounds, each in a seeded random order")
+    ap.add_argument("--traces", default=None, help="default: the workload's recorded traces in the cache")
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--per-set", type=int, default=1)
     ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--store", default=str(default_store()))
     a = ap.parse_args(argv)
-    reqs = rollout_requests(load_traces(a.traces), a.per_set)
+    reqs = rollout_requests(load_traces(a.traces or cache_dir() / "traces" / f"{a.workload}.jsonl"), a.per_set)
+    temperature = 0.8
+    if a.workload == "repeats":
+        from aded_ray.bench.rollouts import repeat_rounds
+
+        reqs, temperature = repeat_rounds(reqs, a.rounds), 0.0
+    kw = dict(processes=a.processes, max_new=a.max_new_tokens, threads=a.threads, temperature=temperature)
     srv = RedisServer(cache_dir() / "bench-redis-e2e")
     try:
-        iso = run(reqs, a.store, None, processes=a.processes, max_new=a.max_new_tokens, threads=a.threads)
-        sh = run(reqs, a.store, srv.url, processes=a.processes, max_new=a.max_new_tokens, threads=a.threads)
+        plain = run(reqs, a.store, None, speculate=False, **kw)     # the baseline: the same fleet, no drafts
+        iso = run(reqs, a.store, None, **kw)
+        sh = run(reqs, a.store, srv.url, **kw)
     finally:
         srv.stop()
     same = sum(iso["ids"][k] == sh["ids"][k] for k in iso["ids"])
-    print(f"{len(reqs)} requests ({a.per_set} prompt(s) per set x samples), {a.processes} processes x "
-          f"{a.threads} thread(s), mode {sh['mode']}, speculation {sh['speculate']}, temperature 0.8, "
-          f"max {a.max_new_tokens} tokens; identical outputs shared vs isolated: {same}/{len(reqs)}")
-    print("| fleet | tokens | wall s | tokens/s | MAT |\n|---|---|---|---|---|")
-    for name, r in (("isolated", iso), ("shared store", sh)):
-        print(f"| {name} | {r['tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.2f} | {r['mat']:.3f} |")
-    print(f"sampled requests in the shared fleet's history: {sh['hist_len']} of {len(reqs)}")
+    same_plain = [sum(plain["ids"][k] == r["ids"][k] for k in plain["ids"]) for r in (iso, sh)]
+    what = "samples" if a.workload == "rollouts" else f"{a.rounds} rounds"
+    print(f"{len(reqs)} requests ({a.workload}: {a.per_set} prompt(s) per set x {what}), {a.processes} processes x "
+          f"{a.threads} thread(s), mode {sh['mode']}, speculation {sh['speculate']}, temperature {temperature}, "
+          f"max {a.max_new_tokens} tokens; identical outputs shared vs isolated: {same}/{len(reqs)}, "
+          f"isolated vs plain: {same_plain[0]}/{len(reqs)}, shared vs plain: {same_plain[1]}/{len(reqs)}")
+    print("| fleet | tokens | wall s | tokens/s | x plain | MAT |\n|---|---|---|---|---|---|")
+    for name, r in (("plain decoding", plain), ("isolated", iso), ("shared store", sh)):
+        print(f"| {name} | {r['tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.2f} | {r['tok_s'] / plain['tok_s']:.2f}x "
+              f"| {r['mat']:.3f} |")
+    print(f"finished requests in the shared fleet's history: {sh['hist_len']} of {len(reqs)}")
     print(f"shared / isolated tokens/s: {sh['tok_s'] / iso['tok_s']:.3f}x, MAT {sh['mat'] / iso['mat']:.3f}x")
-    print(json.dumps({"isolated": {k: v for k, v in iso.items() if k != "ids"},
+    print(json.dumps({"plain": {k: v for k, v in plain.items() if k != "ids"},
+                      "isolated": {k: v for k, v in iso.items() if k != "ids"},
                       "shared": {k: v for k, v in sh.items() if k != "ids"}}))
     return 0
 

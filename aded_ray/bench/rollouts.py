@@ -5,6 +5,10 @@
   samples draws from ``torch.manual_seed(seed + i)``).
 - **tasks** (templated extraction, agents re-issuing the same call): the same instruction templates over
   different inputs (HumanEval functions, prompt + canonical solution), greedy.
+- **repeats** (agents and batch jobs re-issuing the same calls, cache-missed retries, the rounds of the same
+  prompts of vLLM RFC 51788): the rollout prompts, greedy, issued again in ``rounds`` rounds
+  (:func:`repeat_rounds`), each round in a seeded random order, so a load balancer's routing sends a request's
+  repeats to replicas at random rather than back to the one that served it.
 
 A trace line is ``{"id", "group", "sample", "prompt_ids", "output_ids", "top_ids", "top_p"}``: ``top_ids[j]``
 / ``top_p[j]`` are the model's top-8 next tokens and their probabilities (softmax of the raw logits, what
@@ -112,14 +116,32 @@ def deal_rollouts(traces: list[dict], processes: int) -> list[list[dict]]:
     return [traces[i::processes] for i in range(processes)]
 
 
+def repeat_rounds(traces: list[dict], rounds: int = 4, seed: int = 0) -> list[dict]:
+    """``traces`` issued ``rounds`` times, each round a seeded shuffle of all of them (ids ``<id>#r<round>``).
+    Dealt round-robin to ``p`` replicas (the fleet benchmark's rule), a round of ``len(traces)`` (a multiple of
+    ``p``) gives every replica the same share, and which replica serves a request's repeat is random: balanced
+    random routing. Greedy outputs of a repeated request are the same, so its trace is copied, not re-recorded."""
+    import random
+
+    if rounds < 1:
+        raise ValueError(f"rounds = {rounds} must be >= 1")
+    out = []
+    for r in range(rounds):
+        order = list(traces)
+        random.Random(seed * 1_000_003 + r).shuffle(order)
+        out += [dict(t, id=f"{t['id']}#r{r}") for t in order]
+    return out
+
+
 def main(argv=None) -> int:
     import argparse
 
     from aded_ray.paths import cache_dir
 
     ap = argparse.ArgumentParser(description="record the rollout and repeated-task workloads")
-    ap.add_argument("which", choices=("rollouts", "tasks"))
-    ap.add_argument("--k", type=int, default=8, help="rollouts: prompts per set; tasks: inputs per template")
+    ap.add_argument("which", choices=("rollouts", "tasks", "repeats"))
+    ap.add_argument("--k", type=int, default=8,
+                    help="rollouts, repeats: prompts per set; tasks: inputs per template")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -129,6 +151,8 @@ def main(argv=None) -> int:
     if a.which == "rollouts":
         return 0 if record(rollout_prompts(a.k), out, n=a.n, temperature=a.temperature,
                            max_new_tokens=a.max_new_tokens) else 1
+    if a.which == "repeats":        # greedy: a repeat's output is the same trace (repeat_rounds at replay)
+        return 0 if record(rollout_prompts(a.k), out, max_new_tokens=a.max_new_tokens) else 1
     return 0 if record(task_prompts(a.k), out, max_new_tokens=a.max_new_tokens) else 1
 
 

@@ -1,0 +1,38 @@
+"""The fleet benchmark's repeated-request workloads (small literal cases)."""
+import pytest
+
+from aded_ray.bench.rollouts import repeat_rounds
+
+
+def test_repeat_rounds_issue_every_request_once_per_round_and_route_repeats_at_random():
+    traces = [{"id": f"p{i}", "output_ids": [i]} for i in range(8)]
+    out = repeat_rounds(traces, rounds=3, seed=0)
+    assert len(out) == 24
+    for r in range(3):
+        got = out[8 * r:8 * (r + 1)]
+        assert sorted(t["id"] for t in got) == sorted(f"p{i}#r{r}" for i in range(8))    # each once per round
+        assert all(t["output_ids"] == [int(t["id"][1])] for t in got)                   # the same trace, copied
+    assert traces[0] == {"id": "p0", "output_ids": [0]}                                  # inputs untouched
+    # dealt round-robin to 4 replicas (the benchmark's rule): 2 requests each per round, and a request's
+    # repeats do not all go back to the replica that served it first
+    deal = [out[i::4] for i in range(4)]
+    assert all(sum(t["id"].endswith(f"#r{r}") for t in d) == 2 for d in deal for r in range(3))
+    replica = {t["id"]: i for i, d in enumerate(deal) for t in d}
+    moved = sum(len({replica[f"p{i}#r{r}"] for r in range(3)}) > 1 for i in range(8))
+    assert moved >= 6
+    assert repeat_rounds(traces, 3, seed=0) == out and repeat_rounds(traces, 3, seed=1) != out   # seeded
+    with pytest.raises(ValueError, match="rounds = 0"):
+        repeat_rounds(traces, 0)
+
+
+def test_the_late_replicas_first_half_is_served_by_the_others_before_it_joins():
+    from aded_ray.bench.fleet import late_deals
+
+    deal = [[f"r{i}q{k}" for k in range(6)] for i in range(4)]
+    out = late_deals(deal, 3)
+    assert out[-1] == ["r3q3", "r3q4", "r3q5"]                              # the late replica: its second half
+    assert sorted(sum(out, [])) == sorted(sum(deal, []))                    # every request served once
+    assert out[0] == ["r0q0", "r3q0", "r0q1", "r0q2", "r0q3", "r0q4", "r0q5"]   # right after the same slot
+    assert out[1] == ["r1q0", "r1q1", "r3q1", "r1q2", "r1q3", "r1q4", "r1q5"]
+    assert out[2] == ["r2q0", "r2q1", "r2q2", "r3q2", "r2q3", "r2q4", "r2q5"]
+    assert late_deals([["a", "b"]], 1) == [["b"]]
