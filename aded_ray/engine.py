@@ -407,6 +407,9 @@ def make_drafter(d, matrix):
         from aded_ray.draft.mcts import MCTSDrafter
 
         drafter = MCTSDrafter(matrix, **d.mcts_kwargs())
+    if hasattr(drafter, "warm_up"):
+        drafter.warm_up()      # every per-step kernel, with the decode loop's types
+        return drafter
     warm = [0, 1, 0, 1]
     drafter.observe(warm)  # compile the numba kernels now, not in the first request
     drafter.draft(warm, 4)

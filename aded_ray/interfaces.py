@@ -31,6 +31,15 @@ class RecyclingDrafter(Drafter, Protocol):
 
 
 @runtime_checkable
+class TreeRecyclingDrafter(RecyclingDrafter, Protocol):
+    def observe_tree_logits(self, before_root: int, root: int, tokens: np.ndarray, parents: np.ndarray,
+                            top_ids: np.ndarray, top_p: np.ndarray) -> None:
+        """:meth:`observe_logits` for one verified tree, the decode loop's per-step form: row 0 follows
+        ``before_root, root``, row ``i + 1`` node ``i`` (``tokens``/``parents`` of a
+        :class:`~aded_ray.draft.tree.DraftTree`); the contexts are implied by the tree, so no array is built."""
+
+
+@runtime_checkable
 class Verifier(Protocol):
     """One request's view of the target model and its KV cache (committed tokens only between steps)."""
 

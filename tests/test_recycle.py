@@ -106,9 +106,46 @@ def test_decode_loop_hands_over_root_and_node_predictions():
     for row, tok in enumerate([10, 12, 1, 2]):                    # row 0 = root, row i = node i - 1
         logits[row, tok] = 5.0
     rows = reduce_rows(logits, SamplingParams(), top_k=RECYCLE_K)
-    recycle_predictions(lambda *a: calls.append(a), [3, 4, 5], tree, rows)
+
+    class ArrayForm:                                              # a drafter with the general form only
+        def observe_logits(self, *a):
+            calls.append(a)
+
+    recycle_predictions(ArrayForm(), [3, 4, 5], tree, rows)
     prev, inputs, ids, probs = calls[0]
     assert inputs.tolist() == [5, 10, 11, 12] and prev.tolist() == [4, 5, 5, 10]
     assert ids.shape == (4, RECYCLE_K) and ids[:, 0].tolist() == [10, 12, 1, 2]
     assert probs[0, 0] == pytest.approx(np.exp(5) / (np.exp(5) + 19 * np.exp(-10)), rel=1e-5)
     assert (np.diff(probs, axis=1) <= 0).all()
+
+
+def test_tree_form_records_what_the_array_form_records():
+    # oracle: the per-step tree form (one kernel, contexts implied by the tree) leaves the table exactly as
+    # the general form given the contexts spelled out; root 5 after 4, tree 5 -> 10 -> 12 -> 13, and 11
+    tree = DraftTree([10, 11, 12, 13], [-1, -1, 0, 2])
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 40, (5, 3))
+    probs = np.sort(rng.random((5, 3)).astype(np.float32), axis=1)[:, ::-1].copy()
+    a, b = RecycleTable(40, k=3, slot_bits=8), RecycleTable(40, k=3, slot_bits=8)
+    a.record([4, 5, 5, 10, 12], [5, 10, 11, 12, 13], ids, probs)
+    b.record_tree(4, 5, tree.tokens, tree.parents, ids, probs)
+    assert (a.keys == b.keys).all() and (a.ids == b.ids).all() and (a.probs == b.probs).all()
+    assert b.filled() == 10 and b.get(10, 12)[0] == ids[3].tolist()     # 5 last-token rows + 5 pair rows
+    c = RecycleTable(40, k=3, slot_bits=8)                        # the first token of a request: no pair row
+    c.record_tree(-1, 5, tree.tokens[:0], tree.parents[:0], ids[:1], probs[:1])
+    assert c.filled() == 1 and c.get(-1, 5)[0] == ids[0].tolist()
+    with pytest.raises(ValueError, match="shapes"):               # one row per node and one for the root
+        b.record_tree(4, 5, tree.tokens, tree.parents, ids[:4], probs[:4])
+    with pytest.raises(ValueError, match="shapes"):               # not breadth-first: a parent after its child
+        b.record_tree(4, 5, tree.tokens, np.array([-1, 2, 0, 2], np.int32), ids, probs)
+
+    # the decode loop takes the tree form when the drafter has it, with the same rows
+    d, e = BestDrafter(TrigramMatrix.empty(40)), BestDrafter(TrigramMatrix.empty(40))
+    class ArrayOnly:
+        observe_logits = e.observe_logits
+    from aded_ray.verify.accept import RowChoices
+    rows = RowChoices(np.zeros(5, np.int64), ids, probs)
+    recycle_predictions(d.session(), [3, 4, 5], tree, rows)
+    recycle_predictions(ArrayOnly(), [3, 4, 5], tree, rows)
+    assert (d.recycle.keys == e.recycle.keys).all() and (d.recycle.ids == e.recycle.ids).all()
+    assert (d.recycle.probs == e.recycle.probs).all() and d.recycle.filled() == 10

@@ -17,12 +17,24 @@ from aded_ray.verify.modes import verifier_factory
 
 
 class _Timed:
-    """Times the drafter's calls like plain replay does (observe + draft, in µs)."""
+    """Times the drafter's calls: ``us`` observe + draft of each step (as plain replay does), ``rec_us`` the
+    recycling of the step's verified predictions (``observe_tree_logits`` / ``observe_logits``), which runs
+    after the forward pass; a step's host time is the sum."""
 
     def __init__(self, drafter):
-        self.drafter, self.us, self.t0 = drafter, [], 0.0
+        self.drafter, self.us, self.rec_us, self.t0 = drafter, [], [], 0.0
         if hasattr(drafter, "observe_logits"):
-            self.observe_logits = drafter.observe_logits
+            self.observe_logits = self._timed(drafter.observe_logits)
+        if hasattr(drafter, "observe_tree_logits"):
+            self.observe_tree_logits = self._timed(drafter.observe_tree_logits)
+
+    def _timed(self, fn):
+        def call(*args):
+            t0 = time.perf_counter()
+            fn(*args)
+            if self.us:                      # the prefill's recording precedes the first draft: not a step's
+                self.rec_us.append((time.perf_counter() - t0) * 1e6)
+        return call
 
     def observe(self, seq):
         self.t0 = time.perf_counter()
@@ -58,6 +70,7 @@ def model_replay(traces: list[dict], drafter, model, budget: int, name: str = "d
         res.nodes += stats.draft_tokens
         res.empty_steps += stats.steps - stats.drafts
         res.draft_us += timed.us
+        res.recycle_us += timed.rec_us + [0.0] * (len(timed.us) - len(timed.rec_us))   # none after EOS
         if progress is not None:
             progress.update(1)
     return res, identical

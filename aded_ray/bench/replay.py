@@ -46,6 +46,7 @@ class ReplayResult:
     nodes: int = 0
     empty_steps: int = 0
     draft_us: list = field(default_factory=list, repr=False)
+    recycle_us: list = field(default_factory=list, repr=False)  # model loop: recycling after each pass
     per_trace: list = field(default_factory=list, repr=False)    # (steps, emitted) of each trace
 
     @property
@@ -58,7 +59,19 @@ class ReplayResult:
                 "mat": round(self.mat, 4), "nodes_per_step": round(self.nodes / max(self.steps, 1), 2),
                 "empty_draft_rate": round(self.empty_steps / max(self.steps, 1), 4),
                 "draft_us_p50": round(float(np.percentile(us, 50)), 1),
-                "draft_us_p95": round(float(np.percentile(us, 95)), 1)}
+                "draft_us_p95": round(float(np.percentile(us, 95)), 1),
+                **self._host_summary()}
+
+    def _host_summary(self) -> dict:
+        """Model loop only: the recycling after each pass, and the step's drafter host time in all
+        (observe + draft + recycle of the same step)."""
+        if not self.recycle_us or len(self.recycle_us) != len(self.draft_us):
+            return {}
+        rec = np.asarray(self.recycle_us)
+        host = rec + np.asarray(self.draft_us)
+        return {"recycle_us_p50": round(float(np.percentile(rec, 50)), 1),
+                "host_us_p50": round(float(np.percentile(host, 50)), 1),
+                "host_us_p95": round(float(np.percentile(host, 95)), 1)}
 
 
 def replay(traces: list[dict], drafter, name: str = "drafter", progress=None, pace_ms: float = 0.0,
@@ -153,9 +166,10 @@ def authors_replay(traces: list[dict], index_path, choices: int = 64, name: str 
 
 
 def result_row(r: dict) -> str:
+    host = f"{r['host_us_p50']:.0f}" if "host_us_p50" in r else "-"
     return (f"| {r['name']} | {r['mat']:.3f} | {r['nodes_per_step']:.1f} | {r['draft_us_p50']:.0f} | "
-            f"{r['draft_us_p95']:.0f} | {r['empty_draft_rate']:.1%} |")
+            f"{r['draft_us_p95']:.0f} | {host} | {r['empty_draft_rate']:.1%} |")
 
 
-TABLE_HEAD = ("| drafter | MAT | nodes/step | µs/call p50 | µs/call p95 | empty drafts |\n"
-              "|---|---|---|---|---|---|")
+TABLE_HEAD = ("| drafter | MAT | nodes/step | µs/call p50 | µs/call p95 | µs/step p50 with recycling (model loop) | "
+              "empty drafts |\n|---|---|---|---|---|---|---|")

@@ -324,6 +324,11 @@ class BestDrafter:
         ``top_p[i]``."""
         self.recycle.record(prev, inputs, top_ids, top_p)
 
+    def observe_tree_logits(self, before_root, root, tokens, parents, top_ids, top_p) -> None:
+        """:meth:`observe_logits` for one verified tree (row 0: after ``before_root, root``; row ``i + 1``:
+        after node ``i``), the decode loop's per-step form (:meth:`RecycleTable.record_tree`)."""
+        self.recycle.record_tree(before_root, root, tokens, parents, top_ids, top_p)
+
     def _learn(self, state, seq: np.ndarray) -> None:
         """Judge the state's last draft against the tokens committed since; ``seq`` continues its request."""
         last, state._last = state._last, None
@@ -333,6 +338,19 @@ class BestDrafter:
         if seq.shape[0] <= n_ctx or state.request.n != n_ctx:
             return
         self.combiner.learn_draft(tokens, parents, feats, seq[n_ctx:], state.sc)
+
+    def warm_up(self) -> None:
+        """Compile (or load from numba's cache) every per-step kernel now, with the types the decode loop passes,
+        not inside a request's first steps (a first call costs milliseconds); then forget what it saw."""
+        warm = np.array([0, 1, 0, 1], np.int32)
+        self.observe(warm)
+        tree = self.draft(warm, 4)
+        ids = np.zeros((len(tree) + 1, 2), np.int64)          # the decode loop's rows: int64 ids, float32 probs
+        p = np.zeros((len(tree) + 1, 2), np.float32)
+        self.observe_tree_logits(0, 1, tree.tokens, tree.parents, ids, p)
+        self.observe_logits(np.zeros(1, np.int64), np.ones(1, np.int64), ids[:1], p[:1])
+        self.matrix.reset_deltas()
+        self.reset()
 
     def reset(self) -> None:
         """Forget the current request, the history, the recycled predictions and what the combiner learned
@@ -401,6 +419,9 @@ class DraftSession:
 
     def observe_logits(self, prev, inputs, top_ids, top_p) -> None:
         self.drafter.observe_logits(prev, inputs, top_ids, top_p)
+
+    def observe_tree_logits(self, before_root, root, tokens, parents, top_ids, top_p) -> None:
+        self.drafter.recycle.record_tree(before_root, root, tokens, parents, top_ids, top_p)
 
     def close(self, share: bool = True) -> None:
         r = self.request

@@ -62,27 +62,68 @@ def lookup(keys, n_tokens, slot_bits, a, b):
     return -1, False
 
 
+@njit(cache=True, inline="always")
+def _record_row(keys, ids, probs, n_tokens, slot_bits, a, b, top_ids, top_p, i):
+    """Row ``i`` of the model's top-k (``top_ids[i]``, ``top_p[i]``) after tokens ``(a, b)``: into the
+    last-token row of ``b`` and, when ``a`` is known, the pair row of ``(a, b)``."""
+    if b < 0 or b >= n_tokens:
+        return
+    k = min(ids.shape[1], top_ids.shape[1])
+    for pair in range(2):
+        if pair == 0:
+            row = np.int64(b)
+            keys[row] = b
+        else:
+            if a < 0 or a >= n_tokens:
+                return
+            row = _slot(n_tokens, slot_bits, a, b)
+            keys[row] = np.int64(a) * n_tokens + b
+        for j in range(k):
+            ids[row, j] = top_ids[i, j]
+            probs[row, j] = quantize(top_p[i, j])
+        for j in range(k, ids.shape[1]):
+            probs[row, j] = 0
+
+
 @njit(cache=True)
 def record(keys, ids, probs, n_tokens, slot_bits, prev, inputs, top_ids, top_p):
-    k = min(ids.shape[1], top_ids.shape[1])
     for i in range(inputs.shape[0]):
-        b = inputs[i]
-        if b < 0 or b >= n_tokens:
-            continue
-        for pair in range(2):
-            if pair == 0:
-                row = b
-                keys[row] = b
-            else:
-                if prev[i] < 0 or prev[i] >= n_tokens:
-                    continue
-                row = _slot(n_tokens, slot_bits, prev[i], b)
-                keys[row] = prev[i] * n_tokens + b
-            for j in range(k):
-                ids[row, j] = top_ids[i, j]
-                probs[row, j] = quantize(top_p[i, j])
-            for j in range(k, ids.shape[1]):
-                probs[row, j] = 0
+        _record_row(keys, ids, probs, n_tokens, slot_bits, np.int64(prev[i]), np.int64(inputs[i]), top_ids, top_p, i)
+
+
+@njit(cache=True)
+def tree_contexts(before_root, root, tokens, parents):
+    """``(prev, inputs)`` of a verified tree's rows: row 0 is the root (after ``before_root``), row ``i + 1``
+    node ``i`` (after its parent's token, the root's for a child of the root)."""
+    n = tokens.shape[0]
+    prev = np.empty(n + 1, np.int64)
+    inputs = np.empty(n + 1, np.int64)
+    prev[0] = before_root
+    inputs[0] = root
+    for i in range(n):
+        p = parents[i]
+        prev[i + 1] = root if p < 0 else tokens[p]
+        inputs[i + 1] = tokens[i]
+    return prev, inputs
+
+
+@njit(cache=True)
+def record_tree(keys, ids, probs, n_tokens, slot_bits, before_root, root, tokens, parents, top_ids, top_p):
+    """:func:`record` for the rows of one verified tree (:func:`tree_contexts`) without building the context
+    arrays: one call per step. Returns False (nothing recorded) when the shapes do not fit the tree."""
+    n = tokens.shape[0]
+    if parents.shape[0] != n or top_ids.shape[0] != n + 1 or top_p.shape[0] != n + 1 \
+            or top_p.shape[1] != top_ids.shape[1]:
+        return False
+    for i in range(n):
+        if not -1 <= parents[i] < i:
+            return False
+    _record_row(keys, ids, probs, n_tokens, slot_bits, np.int64(before_root), np.int64(root), top_ids, top_p, 0)
+    for i in range(n):
+        p = parents[i]
+        a = np.int64(root) if p < 0 else np.int64(tokens[p])
+        _record_row(keys, ids, probs, n_tokens, slot_bits, a, np.int64(tokens[i]), top_ids, top_p, i + 1)
+    return True
 
 
 class RecycleTable:
@@ -119,6 +160,21 @@ class RecycleTable:
         record(self.keys, self.ids, self.probs, self.n_tokens, self.slot_bits, prev, inputs, top_ids, top_p)
         if self.journal is not None:
             self.journal.record_recycle(prev, inputs, top_ids, top_p)
+
+    def record_tree(self, before_root: int, root: int, tokens: np.ndarray, parents: np.ndarray, top_ids: np.ndarray,
+                    top_p: np.ndarray) -> None:
+        """:meth:`record` for one verified tree: row 0 of ``top_ids``/``top_p`` is the model's prediction after
+        ``before_root, root``, row ``i + 1`` after node ``i`` (``tokens``/``parents``: a breadth-first draft
+        tree, :class:`aded_ray.draft.tree.DraftTree`). The decode loop's per-step form: one kernel call and no
+        array built (a fleet journal still receives the context arrays)."""
+        if self.journal is not None:
+            prev, inputs = tree_contexts(int(before_root), int(root), tokens, parents)
+            self.record(prev, inputs, top_ids, top_p)
+            return
+        if not record_tree(self.keys, self.ids, self.probs, self.n_tokens, self.slot_bits, int(before_root),
+                           int(root), tokens, parents, top_ids, top_p):
+            raise ValueError(f"shapes differ: tree of {tokens.shape[0]} nodes (parents {parents.shape}), ids "
+                             f"{top_ids.shape}, probs {top_p.shape} (one row for the root and one per node)")
 
     def get(self, a: int, b: int) -> tuple[list[int], list[float], bool]:
         """The recorded top-k after ``(a, b)`` (or after ``b``), and whether the pair matched exactly."""
