@@ -284,8 +284,13 @@ def _bench_store(a) -> int:
     from aded_ray.bench.traces import load_traces
 
     files = list(a.traces or [])
+    if a.rounds is not None and "repeats" not in (a.workload or []):
+        raise SystemExit(f"bench-store: --rounds {a.rounds} applies to --workload repeats only")
+    rounds = {}                            # file -> rounds of its requests (the repeats workload)
     for w in a.workload or []:             # the recorded repeated-request workloads (recorded when missing)
         f = cache_dir() / "traces" / f"{w}.jsonl"
+        if w == "repeats":
+            rounds[str(f)] = a.rounds if a.rounds is not None else 4
         if not f.is_file():
             from aded_ray.bench import rollouts
 
@@ -316,10 +321,10 @@ def _bench_store(a) -> int:
         print(HEAD)
         for f in files:
             traces = load_traces(f)[:a.limit] if a.limit else load_traces(f)
-            if Path(f).stem == "repeats":
+            if f in rounds:
                 from aded_ray.bench.rollouts import repeat_rounds
 
-                traces = repeat_rounds(traces, a.rounds)
+                traces = repeat_rounds(traces, rounds[f])
             r = run_fleet(traces, a.store, processes=a.processes,
                           drafter=a.drafter, url=url, pace_ms=pace, first=a.first, share_model=not a.no_share_model)
             print(markdown(Path(f).stem, a.drafter, r, step), flush=True)
@@ -558,7 +563,7 @@ def main(argv=None) -> int:
     f.add_argument("--workload", nargs="+", choices=("rollouts", "tasks", "repeats"),
                    help="repeated-request workloads from the cache (recorded first when missing)")
     f.add_argument("--limit", type=int, default=None, help="the first N traces of each file")
-    f.add_argument("--rounds", type=int, default=4, help="repeats: rounds of the same requests")
+    f.add_argument("--rounds", type=int, default=None, help="--workload repeats: rounds of the same requests (4)")
     f.add_argument("--first", type=int, default=10, help="late replica: compared on its first N requests")
     f.add_argument("--no-share-model", action="store_true", help="share no recycled predictions nor combiner")
     f.add_argument("--store", default=str(default_store()))

@@ -36,3 +36,12 @@ def test_the_late_replicas_first_half_is_served_by_the_others_before_it_joins():
     assert out[1] == ["r1q0", "r1q1", "r3q1", "r1q2", "r1q3", "r1q4", "r1q5"]
     assert out[2] == ["r2q0", "r2q1", "r2q2", "r3q2", "r2q3", "r2q4", "r2q5"]
     assert late_deals([["a", "b"]], 1) == [["b"]]
+
+
+def test_bench_store_refuses_rounds_without_the_repeats_workload(tmp_path):
+    from aded_ray.cli import main
+
+    with pytest.raises(SystemExit, match="--rounds 3 applies to --workload repeats only"):
+        main(["bench-store", "--traces", str(tmp_path / "t.jsonl"), "--rounds", "3"])
+    with pytest.raises(SystemExit, match="--rounds 2 applies"):
+        main(["bench-store", "--workload", "tasks", "--rounds", "2"])

@@ -56,8 +56,9 @@ def _worker(args) -> dict:
     return res
 
 
-def rollout_requests(traces: list[dict], per_set: int) -> list[dict]:
-    """The samples of the first ``per_set`` rollout prompts of each set (MT-Bench, HumanEval, ShareGPT),
+def workload_requests(traces: list[dict], per_set: int) -> list[dict]:
+    """The requests of the first ``per_set`` prompts of each set (MT-Bench, HumanEval, ShareGPT) of a
+    workload's traces (``rollouts``: every sample of each prompt; ``repeats``: its one greedy trace),
     prompt-major, each with its own seed."""
     groups: dict[str, list[dict]] = {}
     for t in traces:
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--store", default=str(default_store()))
     a = ap.parse_args(argv)
-    reqs = rollout_requests(load_traces(a.traces or cache_dir() / "traces" / f"{a.workload}.jsonl"), a.per_set)
+    reqs = workload_requests(load_traces(a.traces or cache_dir() / "traces" / f"{a.workload}.jsonl"), a.per_set)
     temperature = 0.8
     if a.workload == "repeats":
         from aded_ray.bench.rollouts import repeat_rounds
