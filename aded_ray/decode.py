@@ -19,7 +19,7 @@ The drafter, the verifier and the budget are the protocols of :mod:`aded_ray.int
 Devices: the verifier's logits stay on the model's device. Each step reduces them there (the target's choice
 per row, and the top-k the drafter recycles) and copies only those few numbers to the host, once
 (:func:`aded_ray.verify.accept.reduce_batch`; float32 logits on a CPU: one numba kernel,
-:mod:`aded_ray.verify.host_topk`, ~4x faster there than torch's reductions); sampling draws with per-position counter-based uniforms, so a
+:mod:`aded_ray.verify.host_topk`, ~3-4x faster there than torch's reductions); sampling draws with per-position counter-based uniforms, so a
 seeded request needs no generator on any device and samples the same tokens with or without speculation.
 """
 from __future__ import annotations
