@@ -149,3 +149,24 @@ def test_tree_form_records_what_the_array_form_records():
     recycle_predictions(ArrayOnly(), [3, 4, 5], tree, rows)
     assert (d.recycle.keys == e.recycle.keys).all() and (d.recycle.ids == e.recycle.ids).all()
     assert (d.recycle.probs == e.recycle.probs).all() and d.recycle.filled() == 10
+
+
+def test_tree_form_hands_a_fleet_journal_the_context_arrays():
+    # with a journal (the fleet store's hook) the tree form records the same rows and hands over their contexts
+    class Journal:
+        calls = []
+
+        def record_recycle(self, *a):
+            self.calls.append(a)
+
+    tree = DraftTree([10, 11, 12], [-1, -1, 0])
+    ids = np.arange(12).reshape(4, 3)
+    probs = np.full((4, 3), 0.25, np.float32)
+    t, ref = RecycleTable(40, k=3, slot_bits=8), RecycleTable(40, k=3, slot_bits=8)
+    t.journal = Journal()
+    t.record_tree(4, 5, tree.tokens, tree.parents, ids, probs)
+    ref.record([4, 5, 5, 10], [5, 10, 11, 12], ids, probs)
+    prev, inputs, got_ids, got_p = Journal.calls[0]
+    assert prev.tolist() == [4, 5, 5, 10] and inputs.tolist() == [5, 10, 11, 12]
+    assert np.array_equal(got_ids, ids) and np.array_equal(got_p, probs)
+    assert (t.keys == ref.keys).all() and (t.ids == ref.ids).all() and (t.probs == ref.probs).all()
