@@ -55,16 +55,13 @@ def test_matches_torch_on_model_like_rows(V):
     k = min(8, V)
     host = reduce_batch(logits, s, pos, counts, top_k=k, top_k_for=[True, True])
     ref = torch_path(logits, s, pos, counts, top_k=k, top_k_for=[True, True])
-    for h, r in zip(host, ref):
+    for h, r, rows in zip(host, ref, (logits.numpy()[:5], logits.numpy()[5:])):
         assert np.array_equal(h.tokens, r.tokens) and h.tokens.dtype == np.int64
         assert h.top_ids.dtype == r.top_ids.dtype and h.top_p.dtype == r.top_p.dtype
         assert np.allclose(h.top_p, r.top_p, rtol=1e-4, atol=1e-7)
-        vals = np.take_along_axis(logits.numpy()[: len(h.tokens)] if h is host[0] else logits.numpy()[5:],
-                                  h.top_ids, 1)
+        vals = np.take_along_axis(rows, h.top_ids, 1)
         assert (np.diff(vals, axis=1) <= 0).all()        # descending; equal values may differ from torch's order
-        same = np.take_along_axis(logits.numpy()[: len(h.tokens)] if h is host[0] else logits.numpy()[5:],
-                                  r.top_ids, 1)
-        assert np.array_equal(vals, same)                # the same top-k values as torch's
+        assert np.array_equal(vals, np.take_along_axis(rows, r.top_ids, 1))   # the same top-k values as torch's
     part = reduce_batch(logits, s, pos, counts, top_k=k, top_k_for=[False, True])
     assert part[0].top_ids is None and np.array_equal(part[0].tokens, ref[0].tokens)
 
