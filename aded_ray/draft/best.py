@@ -421,7 +421,7 @@ class DraftSession:
         self.drafter.observe_logits(prev, inputs, top_ids, top_p)
 
     def observe_tree_logits(self, before_root, root, tokens, parents, top_ids, top_p) -> None:
-        self.drafter.recycle.record_tree(before_root, root, tokens, parents, top_ids, top_p)
+        self.drafter.observe_tree_logits(before_root, root, tokens, parents, top_ids, top_p)
 
     def close(self, share: bool = True) -> None:
         r = self.request

@@ -109,8 +109,8 @@ def tree_contexts(before_root, root, tokens, parents):
 
 @njit(cache=True)
 def record_tree(keys, ids, probs, n_tokens, slot_bits, before_root, root, tokens, parents, top_ids, top_p):
-    """:func:`record` for the rows of one verified tree (:func:`tree_contexts`) without building the context
-    arrays: one call per step. Returns False (nothing recorded) when the shapes do not fit the tree."""
+    """:func:`record` for the rows of one verified tree (contexts from :func:`tree_contexts`), in one call from
+    Python per step. Returns False (nothing recorded) when the shapes do not fit the tree."""
     n = tokens.shape[0]
     if parents.shape[0] != n or top_ids.shape[0] != n + 1 or top_p.shape[0] != n + 1 \
             or top_p.shape[1] != top_ids.shape[1]:
@@ -118,11 +118,8 @@ def record_tree(keys, ids, probs, n_tokens, slot_bits, before_root, root, tokens
     for i in range(n):
         if not -1 <= parents[i] < i:
             return False
-    _record_row(keys, ids, probs, n_tokens, slot_bits, np.int64(before_root), np.int64(root), top_ids, top_p, 0)
-    for i in range(n):
-        p = parents[i]
-        a = np.int64(root) if p < 0 else np.int64(tokens[p])
-        _record_row(keys, ids, probs, n_tokens, slot_bits, a, np.int64(tokens[i]), top_ids, top_p, i + 1)
+    prev, inputs = tree_contexts(before_root, root, tokens, parents)
+    record(keys, ids, probs, n_tokens, slot_bits, prev, inputs, top_ids, top_p)
     return True
 
 
