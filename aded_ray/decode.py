@@ -6,6 +6,7 @@
         drafter.observe(committed)                  # 1. adaptive update (verified tokens only)
         k    = budget.allot(requests)               # 2. draft budget per request from the cost model (0 = plain)
         tree = drafter.draft(committed, k)          # 3. draft tree below root, per request  [CPU, µs]
+                                                    #    (1 + 3 in one call: drafter.observe_draft)
         logits = kv.forward_trees(roots, trees)     # 4. one forward over every root + tree   [model, ms]
         choices = reduce(logits)                    # 5. on the device: the target's token per row
         path, bonus = walk(tree, choices)           #    longest agreeing path; the bonus token
@@ -239,8 +240,12 @@ def step_batch(kv, states: list[RequestState], budget: Budget, top_k: int = RECY
             h1 = time.perf_counter()
             owed += h1 - h0
             h0 = h1
-            st.drafter.observe(seq)
-            trees.append(st.drafter.draft(seq, k))
+            both = getattr(st.drafter, "observe_draft", None)      # one call (StepDrafter) when it has it
+            if both is not None:
+                trees.append(both(seq, k))
+            else:
+                st.drafter.observe(seq)
+                trees.append(st.drafter.draft(seq, k))
             host += time.perf_counter() - h0
         else:
             if st.max_nodes > 0:             # observed later, in the same order (catch_up)

@@ -23,6 +23,14 @@ class Drafter(Protocol):
 
 
 @runtime_checkable
+class StepDrafter(Drafter, Protocol):
+    def observe_draft(self, seq: np.ndarray, max_nodes: int | None = None) -> DraftTree:
+        """``observe(seq)`` then ``draft(seq, max_nodes)`` in one call, the decode loop's per-step form: the same
+        state and tree as the two calls. The tree may live in the drafter's buffers, valid until its next
+        ``observe_draft``."""
+
+
+@runtime_checkable
 class RecyclingDrafter(Drafter, Protocol):
     def observe_logits(self, prev: np.ndarray, inputs: np.ndarray, top_ids: np.ndarray,
                        top_p: np.ndarray) -> None:

@@ -77,3 +77,38 @@ def test_unknown_parameter_is_rejected():
         BestDrafter(TrigramMatrix.empty(10), banana=1)
     with pytest.raises(ValueError, match="branch"):
         BestDrafter(TrigramMatrix.empty(10), branch=0)
+
+
+def _twin_drafters():
+    docs = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 7, 8], [2, 3, 4, 5, 9], [7, 8, 1, 2, 3]] * 3
+    return [BestDrafter(matrix_from_token_docs(docs, 20), window=4) for _ in range(2)]
+
+
+@pytest.mark.parametrize("session", [False, True], ids=["drafter", "session"])
+def test_observe_draft_is_observe_then_draft(session):
+    """The one-call form gives the same trees and learns the same weights as observe + draft, step by step,
+    across a new request (the general path) too."""
+    one, two = _twin_drafters()
+    a, b = (one.session(), two.session()) if session else (one, two)
+    requests = [[1, 2, 3, 4, 5, 6, 1, 2, 3, 7, 8, 1, 2], [7, 8, 1, 2, 3, 4, 5, 9, 2, 3, 4]]
+    for req in requests:
+        for n in range(3, len(req) + 1, 2):               # two tokens committed per step
+            seq = np.asarray(req[:n], np.int32)
+            t1 = a.observe_draft(seq, 6)
+            b.observe(seq)
+            t2 = b.draft(seq, 6)
+            assert t1.tokens.tolist() == t2.tokens.tolist() and t1.parents.tolist() == t2.parents.tolist()
+            assert t1.scores.tolist() == t2.scores.tolist()
+        if session:
+            a.close(), b.close()
+    assert one.combiner.seen == two.combiner.seen > 0
+    np.testing.assert_array_equal(one.combiner.w, two.combiner.w)
+    assert one.history.n == two.history.n > 0
+
+
+def test_observe_draft_reuses_its_buffers():
+    d, _ = _twin_drafters()
+    t1 = d.observe_draft(np.array([1, 2, 3], np.int32), 4)
+    t2 = d.observe_draft(np.array([1, 2, 3, 4, 5], np.int32), 4)
+    assert len(t1) and len(t2) and np.shares_memory(t1.tokens, t2.tokens)    # valid until the next call
+    assert len(d.observe_draft(np.array([1, 2, 3, 4, 5, 6], np.int32), 0)) == 0

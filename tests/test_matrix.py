@@ -22,19 +22,33 @@ def oracle(docs, top_k):
     return out
 
 
-def test_lookup_matches_dict_oracle():
+@pytest.mark.parametrize("index", [True, False], ids=["context-index", "binary-search"])
+def test_lookup_matches_dict_oracle(index):
     rng = np.random.default_rng(1)
     V = 40
     docs = [rng.integers(0, V, int(rng.integers(0, 60))).tolist() for _ in range(200)]
     m = matrix_from_token_docs(docs, V, top_k=5)
     ref = oracle(docs, 5)
     assert m.n_contexts == len(ref)
+    assert (m.base[5] != 0).sum() == len(ref)           # one slot per context
+    if not index:
+        m.base = m.base[:5] + (np.zeros(0, np.uint64),)
     for a in range(V):
         for b in range(V):
             tok, w = m.successors(a, b)
             exp = ref.get((a, b), [])
             assert tok.tolist() == [c for c, _ in exp]
             np.testing.assert_allclose(w, [p for _, p in exp], rtol=1e-6)
+
+
+def test_context_index_only_where_its_packing_fits():
+    from aded_ray.draft.kernels import build_index
+    keys, offsets = np.array([5, 70_000], np.int64), np.array([0, 3, 4], np.int64)
+    idx = build_index(keys, offsets, 300)
+    assert idx.shape == (4,) and sorted(int(v) >> 32 for v in idx if v) == [6, 70_001]
+    assert build_index(keys, offsets, 65_536).shape == (0,)                  # V * V does not fit 32 bits
+    assert build_index(keys, np.array([0, 3, 300], np.int64), 300).shape == (0,)   # > 255 successors
+    assert build_index(keys[:0], offsets[:1], 300).shape == (0,)
 
 
 def test_no_trigram_crosses_documents_and_short_docs_skipped():
@@ -116,7 +130,7 @@ def test_deltas_merge_in_any_order_identically():
         per_proc.append(m.deltas())
     results = []
     for order in (range(30), reversed(range(30)), rng.permutation(30)):
-        m = TrigramMatrix(*base.base, vocab_size=20)
+        m = TrigramMatrix(*base.base[:5], vocab_size=20)
         for i in order:
             m.apply_deltas(*per_proc[i])
         results.append([m.successors(a, b) for a in range(20) for b in range(20)])

@@ -17,7 +17,8 @@ from aded_ray.verify.modes import verifier_factory
 
 
 class _Timed:
-    """Times the drafter's calls: ``us`` observe + draft of each step (as plain replay does), ``rec_us`` the
+    """Times the drafter's calls: ``us`` observe + draft of each step (as plain replay does; one
+    ``observe_draft`` call when the drafter has it, as the decode loop then calls it), ``rec_us`` the
     recycling of the step's verified predictions (``observe_tree_logits`` / ``observe_logits``), which runs
     after the forward pass; a step's host time is the sum."""
 
@@ -27,6 +28,8 @@ class _Timed:
             self.observe_logits = self._timed(drafter.observe_logits)
         if hasattr(drafter, "observe_tree_logits"):
             self.observe_tree_logits = self._timed(drafter.observe_tree_logits)
+        if hasattr(drafter, "observe_draft"):
+            self.observe_draft = self._observe_draft
 
     def _timed(self, fn):
         def call(*args):
@@ -43,6 +46,12 @@ class _Timed:
     def draft(self, seq, b):
         tree = self.drafter.draft(seq, b)
         self.us.append((time.perf_counter() - self.t0) * 1e6)
+        return tree
+
+    def _observe_draft(self, seq, b):
+        t0 = time.perf_counter()
+        tree = self.drafter.observe_draft(seq, b)
+        self.us.append((time.perf_counter() - t0) * 1e6)
         return tree
 
 

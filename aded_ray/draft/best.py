@@ -224,6 +224,35 @@ def best_first_tree(rix, hix, mat, rec, prm_f, prm_i, rconf, hconf, w, sc, wl, m
     return n_nodes
 
 
+@njit(cache=True)
+def observe_draft_kernel(rix, seq, ov, prm, window, tokens, parents, feats, n_ctx, learn, w, g2, lr, sc, wl, hix,
+                         mat, rec, prm_f, prm_i, rconf, hconf, max_nodes, out_tok, out_par, out_score, out_feat):
+    """:func:`aded_ray.draft.step.observe_kernel` (with the adaptive update) then :func:`best_first_tree` for
+    the request as observed: a step's whole drafting in one call. Returns ``(status, new_n, judged, nodes)``;
+    a status other than ``OK`` changed nothing and drafted nothing. The last draft (``tokens``, ``parents``,
+    ``feats``) is judged before the new one is written, so they may be views of the ``out_*`` buffers."""
+    rseq, rn, rprev, rlast, rprev3, rhead3 = rix
+    status, n, judged = observe_kernel(rseq, rn, rprev, rlast, rprev3, rhead3, seq, ov, prm, window, True, tokens,
+                                       parents, feats, n_ctx, learn, w, g2, lr, sc, wl)
+    if status != S.OK or n == 0 or max_nodes <= 0:
+        return status, n, judged, 0
+    nodes = best_first_tree((rseq, n, rprev, rlast, rprev3, rhead3), hix, mat, rec, prm_f, prm_i, rconf, hconf, w,
+                            sc, wl, max_nodes, out_tok, out_par, out_score, out_feat)
+    return status, n, judged, nodes
+
+
+class _StepBuffers:
+    """A state's reused output arrays for :meth:`BestDrafter.observe_draft` (no allocation per step)."""
+
+    __slots__ = ("tok", "par", "score", "feat")
+
+    def __init__(self, cap: int):
+        self.tok = np.empty(cap, np.int32)
+        self.par = np.empty(cap, np.int32)
+        self.score = np.empty(cap, np.float64)
+        self.feat = np.empty((cap, C.N_FEAT), np.float64)
+
+
 class BestDrafter:
     """Request + history suffix matching, the adaptive tri-gram matrix and the model's recycled predictions,
     combined by an online-learned logistic model and grown best-first by acceptance probability.
@@ -259,6 +288,7 @@ class BestDrafter:
         self.recycle = R.RecycleTable(matrix.vocab_size, int(p["recycle_k"]))
         self.combiner = C.OnlineLogistic(p["weights"], p["learn_rate"])
         self._last = None                 # (context length, tokens, parents, features) of the last draft
+        self._buf = None                  # observe_draft's output arrays
         self.sc = np.zeros((2, C.N_SRC))  # the request's verdicts per source (combine.reliability)
         # Optional sharing hook (duck-typed, e.g. SharedStore): ``record_request(tokens)`` receives this
         # process's finished requests, ``drain_history(drafter)`` hands over the other processes' ones.
@@ -313,6 +343,46 @@ class BestDrafter:
             r.extend(seq)
         return True
 
+    def observe_draft(self, seq, max_nodes: int | None = None) -> DraftTree:
+        """``observe(seq)`` then ``draft(seq, max_nodes)``, in one kernel call when the request continues (the
+        decode loop's per-step form; after a forward pass every Python-level call costs tens of µs). Same
+        state and same tree as the two calls. The tree's arrays are this drafter's reused buffers: valid
+        until its next ``observe_draft`` (a step uses its tree before the next one is drafted)."""
+        return self._observe_draft(self, seq, max_nodes, self.observe)
+
+    def _observe_draft(self, state, seq, max_nodes: int | None, observe) -> DraftTree:
+        seq = np.asarray(seq, np.int32)
+        m = self.matrix
+        if self.journal is not None or m.journal is not None:   # a fleet journal sees updates in Python
+            observe(seq)
+            return self._draft(state, seq, max_nodes)
+        b = 64 if max_nodes is None else int(max_nodes)
+        buf = state._buf
+        if buf is None or buf.tok.shape[0] < b:
+            buf = state._buf = _StepBuffers(max(b, 64))
+        r, c, h, rc = state.request, self.combiner, self.history, self.recycle
+        last = state._last
+        if last is None:
+            n_ctx, tokens, parents, feats = -1, _NO_TOK, _NO_TOK, _NO_FEAT
+        else:
+            n_ctx, tokens, parents, feats = last
+        status, n, judged, k = observe_draft_kernel(
+            r.arrays, seq, m.ov, m.prm, self.window, tokens, parents, feats, n_ctx, last is not None and c.lr > 0,
+            c.w, c.g2, c.lr, state.sc, c.workload, h.arrays, (m.base, m.ov, m.prm),
+            (rc.keys, rc.ids, rc.probs, rc.n_tokens, rc.slot_bits), self.prm_f, self.prm_i, self.rconf, self.hconf,
+            b, buf.tok, buf.par, buf.score, buf.feat)
+        if status != S.OK:                   # a new request, or the index / overlay needs room: the general path
+            observe(seq)
+            return self._draft(state, seq, max_nodes)
+        r.n = n
+        c.seen += judged
+        if b <= 0 or n == 0:
+            state._last = None
+            return DraftTree()
+        tree = DraftTree.trusted(buf.tok[:k], buf.par[:k], buf.score[:k])
+        state._last = (n, tree.tokens, tree.parents, buf.feat[:k])
+        return tree
+
     def session(self) -> "DraftSession":
         """A drafter for one request among several running at once: its own request index and last draft;
         the matrix, history, recycled predictions and combiner are this drafter's, shared."""
@@ -349,6 +419,7 @@ class BestDrafter:
         p = np.zeros((len(tree) + 1, 2), np.float32)
         self.observe_tree_logits(0, 1, tree.tokens, tree.parents, ids, p)
         self.observe_logits(np.zeros(1, np.int64), np.ones(1, np.int64), ids[:1], p[:1])
+        self.observe_draft(np.array([0, 1, 0, 1, 0], np.int32), 4)     # the request continues: the one-call form
         self.matrix.reset_deltas()
         self.reset()
 
@@ -407,6 +478,7 @@ class DraftSession:
         self.drafter = drafter
         self.request = TokenIndex(drafter.matrix.vocab_size)
         self._last = None
+        self._buf = None
         self.sc = np.zeros((2, C.N_SRC))
 
     def observe(self, seq) -> None:
@@ -416,6 +488,9 @@ class DraftSession:
         if self.request.n != len(seq):
             self.observe(seq)
         return self.drafter._draft(self, seq, max_nodes)
+
+    def observe_draft(self, seq, max_nodes: int | None = None) -> DraftTree:
+        return self.drafter._observe_draft(self, seq, max_nodes, self.observe)
 
     def observe_logits(self, prev, inputs, top_ids, top_p) -> None:
         self.drafter.observe_logits(prev, inputs, top_ids, top_p)

@@ -38,7 +38,7 @@ class TrigramMatrix:
         self.vocab_size = int(vocab_size)
         self.top_k = int(top_k)
         self.meta = dict(meta or {})
-        self.base = (first, keys, offsets, succ, weight)
+        self.base = (first, keys, offsets, succ, weight, K.build_index(keys, offsets, self.vocab_size))
         self.prm = np.array([self.vocab_size, increment, cap], np.float64)
         self._new_overlay(bits=12, entries=4096)
         # Optional sharing hook (duck-typed, e.g. store.redis_store.SharedStore): ``drain()`` applies other
