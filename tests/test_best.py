@@ -112,3 +112,23 @@ def test_observe_draft_reuses_its_buffers():
     t2 = d.observe_draft(np.array([1, 2, 3, 4, 5], np.int32), 4)
     assert len(t1) and len(t2) and np.shares_memory(t1.tokens, t2.tokens)    # valid until the next call
     assert len(d.observe_draft(np.array([1, 2, 3, 4, 5, 6], np.int32), 0)) == 0
+
+
+def test_tree_kernel_scratch_too_small_is_replaced():
+    """Scratch below :func:`scratch_sizes` is never written past: the kernel makes its own, same tree."""
+    from aded_ray.draft import best as B
+    d, _ = _twin_drafters()
+    seq = np.array([1, 2, 3, 4, 5, 6, 1, 2, 3], np.int32)
+    d.observe(seq)
+    m, h, rc = d.matrix, d.history, d.recycle
+    trees = []
+    for n_i, n_f, n_g in (B.scratch_sizes(6, d.prm_i), (3, 2, 1)):
+        out = (np.empty(6, np.int32), np.empty(6, np.int32), np.empty(6), np.empty((6, B.C.N_FEAT)))
+        si, sf, sg = np.full(n_i, -7, np.int32), np.full(n_f, -7.0), np.full((n_g, B.C.N_FEAT), -7.0)
+        k = B.best_first_tree(d.request.arrays, h.arrays, (m.base, m.ov, m.prm),
+                              (rc.keys, rc.ids, rc.probs, rc.n_tokens, rc.slot_bits), d.prm_f, d.prm_i, d.rconf,
+                              d.hconf, d.combiner.w, d.sc, d.combiner.workload, 6, *out, si, sf, sg)
+        trees.append((out[0][:k].tolist(), out[1][:k].tolist(), out[2][:k].tolist()))
+        if n_i == 3:
+            assert (si == -7).all() and (sf == -7.0).all() and (sg == -7.0).all()
+    assert trees[0] == trees[1] and len(trees[0][0]) == 6

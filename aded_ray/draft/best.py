@@ -28,7 +28,7 @@ from aded_ray.draft import combine as C
 from aded_ray.draft import kernels as K
 from aded_ray.draft import recycle as R
 from aded_ray.draft import step as S
-from aded_ray.draft.step import _to_bfs, observe_kernel
+from aded_ray.draft.step import _to_bfs_into, observe_kernel
 from aded_ray.draft.suffix import TokenIndex, match3
 from aded_ray.draft.tree import DraftTree
 
@@ -69,7 +69,7 @@ def _add(toks, cp, n, tok, s, p):
             return n
     if n < toks.shape[0]:
         toks[n] = tok
-        for j in range(cp.shape[1]):
+        for j in range(C.N_SRC):
             cp[n, j] = 0.0
         cp[n, s] = p
         n += 1
@@ -135,33 +135,77 @@ def _candidates(rix, hix, mat, rec, tail, n_tail, off_path, prm_f, prm_i, rconf,
     return n
 
 
+def scratch_sizes(max_nodes: int, prm_i) -> tuple[int, int, int]:
+    """Lengths of :func:`best_first_tree`'s scratch arrays (int32, float64, rows of the 2-D float64) for up to
+    ``max_nodes`` nodes with the drafter's ``prm_i``; the kernel lays them out the same way."""
+    max_len, branch, max_depth = int(prm_i[0]), int(prm_i[2]), int(prm_i[3])
+    cap_f = max_nodes * branch + branch + 1
+    n_i = (max_len + 2 + max_depth + 1) + 2 * cap_f + (max_nodes + 1) + MAX_CAND + 32 + K.MAX_SUCC + 2 + 4 * max_nodes
+    n_f = C.N_SRC + cap_f + MAX_CAND + K.MAX_SUCC + max_nodes
+    return n_i, n_f, cap_f + 2 * MAX_CAND + max_nodes
+
+
 @njit(cache=True)
 def best_first_tree(rix, hix, mat, rec, prm_f, prm_i, rconf, hconf, w, sc, wl, max_nodes, out_tok, out_par,
-                    out_score, out_feat):
+                    out_score, out_feat, si, sf, sg):
     """Grow the tree best-first; returns the number of nodes, breadth-first. ``out_feat[i]`` holds node i's
     combiner features (for learning once verification has judged it); ``sc``/``wl``: the sources' verdict
-    counts in this request and in the workload (:func:`aded_ray.draft.combine.reliability`)."""
-    rel = np.empty(C.N_SRC, np.float64)
+    counts in this request and in the workload (:func:`aded_ray.draft.combine.reliability`).
+    ``si``/``sf``/``sg``: scratch (int32, float64, float64 rows of ``N_FEAT``) of at least
+    :func:`scratch_sizes`, reused from step to step (fresh arrays are made when they are too small): no
+    allocation per call, each of which costs a microsecond or more once a forward pass has evicted the
+    allocator."""
+    max_len, branch, max_depth = prm_i[0], prm_i[2], prm_i[3]
+    ctx = max_len + 2                        # request tokens kept in front of the path for matching
+    cap_f = max_nodes * branch + branch + 1
+    n_i = (ctx + max_depth + 1) + 2 * cap_f + (max_nodes + 1) + MAX_CAND + 32 + K.MAX_SUCC + 2 + 4 * max_nodes
+    n_f = C.N_SRC + cap_f + MAX_CAND + K.MAX_SUCC + max_nodes
+    n_g = cap_f + 2 * MAX_CAND + max_nodes
+    if si.shape[0] < n_i or sf.shape[0] < n_f or sg.shape[0] < n_g or sg.shape[1] != C.N_FEAT:
+        si = np.empty(n_i, np.int32)
+        sf = np.empty(n_f, np.float64)
+        sg = np.empty((n_g, C.N_FEAT), np.float64)
+    o = ctx + max_depth + 1
+    tail = si[:o]
+    f_tok = si[o:o + cap_f]
+    o += cap_f
+    f_par = si[o:o + cap_f]
+    o += cap_f
+    depth = si[o:o + max_nodes + 1]
+    o += max_nodes + 1
+    toks = si[o:o + MAX_CAND]
+    o += MAX_CAND
+    mt = si[o:o + 16]
+    mc = si[o + 16:o + 32]
+    o += 32
+    tbuf = si[o:o + K.MAX_SUCC]
+    o += K.MAX_SUCC
+    mlen = si[o:o + 2]
+    o += 2
+    b_order = si[o:o + max_nodes]
+    b_new = si[o + max_nodes:o + 2 * max_nodes]
+    b_tok = si[o + 2 * max_nodes:o + 3 * max_nodes]
+    b_par = si[o + 3 * max_nodes:o + 4 * max_nodes]
+    rel = sf[:C.N_SRC]
+    o = C.N_SRC
+    f_sc = sf[o:o + cap_f]
+    o += cap_f
+    ps = sf[o:o + MAX_CAND]
+    o += MAX_CAND
+    wbuf = sf[o:o + K.MAX_SUCC]
+    o += K.MAX_SUCC
+    b_sc = sf[o:o + max_nodes]
+    f_feat = sg[:cap_f]
+    feat = sg[cap_f:cap_f + MAX_CAND]
+    cp = sg[cap_f + MAX_CAND:cap_f + 2 * MAX_CAND]        # N_FEAT columns, the first N_SRC used
+    b_feat = sg[cap_f + 2 * MAX_CAND:cap_f + 2 * MAX_CAND + max_nodes]
+    mlen[0] = 0
+    mlen[1] = 0
+    bufs = (mt, mc, tbuf, wbuf)
     C.reliability(sc, wl, rel)
     rseq, rn = rix[0], rix[1]
-    max_len, branch, max_depth = prm_i[0], prm_i[2], prm_i[3]
     min_p = prm_f[1]
-    ctx = max_len + 2                        # request tokens kept in front of the path for matching
-    tail = np.empty(ctx + max_depth + 1, np.int32)
-    cap_f = max_nodes * branch + branch + 1
-    f_tok = np.empty(cap_f, np.int32)
-    f_par = np.empty(cap_f, np.int32)
-    f_sc = np.empty(cap_f, np.float64)
-    f_feat = np.empty((cap_f, C.N_FEAT), np.float64)
     nf = 0
-    depth = np.empty(max_nodes + 1, np.int32)
-    toks = np.empty(MAX_CAND, np.int32)
-    cp = np.zeros((MAX_CAND, C.N_SRC), np.float64)
-    ps = np.empty(MAX_CAND, np.float64)
-    feat = np.empty((MAX_CAND, C.N_FEAT), np.float64)
-    mlen = np.zeros(2, np.int64)
-    bufs = (np.empty(16, np.int32), np.empty(16, np.int32), np.empty(K.MAX_SUCC, np.int32),
-            np.empty(K.MAX_SUCC, np.float64))
     n_nodes = 0
     node = -1                                 # expand the root first
     while True:
@@ -220,13 +264,14 @@ def best_first_tree(rix, hix, mat, rec, prm_f, prm_i, rconf, hconf, w, sc, wl, m
         nf -= 1
         f_tok[bi], f_par[bi], f_sc[bi] = f_tok[nf], f_par[nf], f_sc[nf]
         _copy_row(f_feat, nf, f_feat, bi)
-    _to_bfs(n_nodes, depth, out_tok, out_par, out_score, out_feat)
+    _to_bfs_into(n_nodes, depth, out_tok, out_par, out_score, out_feat, b_order, b_new, b_tok, b_par, b_sc, b_feat)
     return n_nodes
 
 
 @njit(cache=True)
 def observe_draft_kernel(rix, seq, ov, prm, window, tokens, parents, feats, n_ctx, learn, w, g2, lr, sc, wl, hix,
-                         mat, rec, prm_f, prm_i, rconf, hconf, max_nodes, out_tok, out_par, out_score, out_feat):
+                         mat, rec, prm_f, prm_i, rconf, hconf, max_nodes, out_tok, out_par, out_score, out_feat,
+                         si, sf, sg):
     """:func:`aded_ray.draft.step.observe_kernel` (with the adaptive update) then :func:`best_first_tree` for
     the request as observed: a step's whole drafting in one call. Returns ``(status, new_n, judged, nodes)``;
     a status other than ``OK`` changed nothing and drafted nothing. The last draft (``tokens``, ``parents``,
@@ -237,20 +282,26 @@ def observe_draft_kernel(rix, seq, ov, prm, window, tokens, parents, feats, n_ct
     if status != S.OK or n == 0 or max_nodes <= 0:
         return status, n, judged, 0
     nodes = best_first_tree((rseq, n, rprev, rlast, rprev3, rhead3), hix, mat, rec, prm_f, prm_i, rconf, hconf, w,
-                            sc, wl, max_nodes, out_tok, out_par, out_score, out_feat)
+                            sc, wl, max_nodes, out_tok, out_par, out_score, out_feat, si, sf, sg)
     return status, n, judged, nodes
 
 
 class _StepBuffers:
-    """A state's reused output arrays for :meth:`BestDrafter.observe_draft` (no allocation per step)."""
+    """A state's reused arrays for up to ``cap`` nodes: :meth:`BestDrafter.observe_draft`'s outputs and the
+    tree kernel's scratch (no allocation per step)."""
 
-    __slots__ = ("tok", "par", "score", "feat")
+    __slots__ = ("cap", "tok", "par", "score", "feat", "si", "sf", "sg")
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, prm_i):
+        self.cap = cap
         self.tok = np.empty(cap, np.int32)
         self.par = np.empty(cap, np.int32)
         self.score = np.empty(cap, np.float64)
         self.feat = np.empty((cap, C.N_FEAT), np.float64)
+        n_i, n_f, n_g = scratch_sizes(cap, prm_i)
+        self.si = np.empty(n_i, np.int32)
+        self.sf = np.empty(n_f, np.float64)
+        self.sg = np.empty((n_g, C.N_FEAT), np.float64)
 
 
 class BestDrafter:
@@ -357,9 +408,7 @@ class BestDrafter:
             observe(seq)
             return self._draft(state, seq, max_nodes)
         b = 64 if max_nodes is None else int(max_nodes)
-        buf = state._buf
-        if buf is None or buf.tok.shape[0] < b:
-            buf = state._buf = _StepBuffers(max(b, 64))
+        buf = self._buffers(state, b)
         r, c, h, rc = state.request, self.combiner, self.history, self.recycle
         last = state._last
         if last is None:
@@ -370,7 +419,7 @@ class BestDrafter:
             r.arrays, seq, m.ov, m.prm, self.window, tokens, parents, feats, n_ctx, last is not None and c.lr > 0,
             c.w, c.g2, c.lr, state.sc, c.workload, h.arrays, (m.base, m.ov, m.prm),
             (rc.keys, rc.ids, rc.probs, rc.n_tokens, rc.slot_bits), self.prm_f, self.prm_i, self.rconf, self.hconf,
-            b, buf.tok, buf.par, buf.score, buf.feat)
+            b, buf.tok, buf.par, buf.score, buf.feat, buf.si, buf.sf, buf.sg)
         if status != S.OK:                   # a new request, or the index / overlay needs room: the general path
             observe(seq)
             return self._draft(state, seq, max_nodes)
@@ -382,6 +431,12 @@ class BestDrafter:
         tree = DraftTree.trusted(buf.tok[:k], buf.par[:k], buf.score[:k])
         state._last = (n, tree.tokens, tree.parents, buf.feat[:k])
         return tree
+
+    def _buffers(self, state, b: int) -> _StepBuffers:
+        buf = state._buf
+        if buf is None or buf.cap < b:
+            buf = state._buf = _StepBuffers(max(b, 64), self.prm_i)
+        return buf
 
     def session(self) -> "DraftSession":
         """A drafter for one request among several running at once: its own request index and last draft;
@@ -461,10 +516,11 @@ class BestDrafter:
         out_sc = np.empty(b, np.float64)
         out_feat = np.empty((b, C.N_FEAT), np.float64)
         m, h, rc = self.matrix, self.history, self.recycle
+        buf = self._buffers(state, b)
         n = best_first_tree(r.arrays, h.arrays, (m.base, m.ov, m.prm),
                             (rc.keys, rc.ids, rc.probs, rc.n_tokens, rc.slot_bits), self.prm_f, self.prm_i,
                             self.rconf, self.hconf, self.combiner.w, state.sc, self.combiner.workload, b,
-                            out_tok, out_par, out_sc, out_feat)
+                            out_tok, out_par, out_sc, out_feat, buf.si, buf.sf, buf.sg)
         tree = DraftTree.trusted(out_tok[:n], out_par[:n], out_sc[:n])     # breadth-first from the kernel
         state._last = (r.n, tree.tokens, tree.parents, out_feat[:n])
         return tree

@@ -18,12 +18,25 @@ from aded_ray.draft.suffix import index_extend, index_extend3
 OK, RESTART, SLOW = 0, 1, 2
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _to_bfs(n, depth, tok, par, score, feat):
     """Re-order the first ``n`` insertion-ordered nodes breadth-first in place (stable within a depth),
     remapping parents: what :func:`_bfs` does, inside the kernel."""
-    order = np.empty(n, np.int64)
-    new_of = np.empty(n, np.int64)
+    _to_bfs_into(n, depth, tok, par, score, feat, np.empty(n, np.int32), np.empty(n, np.int32),
+                 np.empty(n, tok.dtype), np.empty(n, par.dtype), np.empty(n, score.dtype),
+                 np.empty((n, feat.shape[1]), feat.dtype))
+
+
+@njit(cache=True, inline="always")
+def _to_bfs_into(n, depth, tok, par, score, feat, order, new_of, t2, p2, s2, f2):
+    """:func:`_to_bfs` with its scratch given: ``order``/``new_of`` (n ints) and room for a copy of the
+    nodes (``t2``, ``p2``, ``s2``, ``f2``: at least n rows)."""
+    for i in range(n):
+        t2[i] = tok[i]
+        p2[i] = par[i]
+        s2[i] = score[i]
+        for f in range(feat.shape[1]):
+            f2[i, f] = feat[i, f]
     k = 0
     d = 1
     while k < n:
@@ -33,10 +46,6 @@ def _to_bfs(n, depth, tok, par, score, feat):
                 new_of[i] = k
                 k += 1
         d += 1
-    t2 = tok[:n].copy()
-    p2 = par[:n].copy()
-    s2 = score[:n].copy()
-    f2 = feat[:n].copy()
     for j in range(n):
         i = order[j]
         tok[j] = t2[i]
