@@ -319,3 +319,28 @@ def test_call_runs_on_the_scheduler_thread_between_steps_and_raises_there():
     s.close()
     with pytest.raises(RuntimeError, match="shut down"):
         s.call(probe)
+
+
+class _OneCallDrafter(OracleDrafter):
+    """Has ``observe_draft`` (interfaces.StepDrafter): the decode loop must use it instead of the two calls."""
+
+    def __init__(self):
+        self.one, self.two = [], 0
+
+    def observe(self, seq):
+        self.two += 1
+
+    def observe_draft(self, seq, max_nodes=None):
+        self.one.append(len(seq))
+        return OracleDrafter.draft(self, seq, max_nodes)
+
+
+def test_the_decode_loop_drafts_with_one_call_when_the_drafter_has_it():
+    d = _OneCallDrafter()
+    s = make(max_batch=4, drafter=d, budget=4)
+    try:
+        out, h = run(s, PROMPTS[5], max_new=30)
+    finally:
+        s.close()
+    assert out == alone(PROMPTS[5], 30) and h.stats.accepted_tokens > 0
+    assert d.two == 0 and len(d.one) == h.stats.steps and d.one == sorted(d.one)
