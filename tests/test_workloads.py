@@ -45,3 +45,10 @@ def test_bench_store_refuses_rounds_without_the_repeats_workload(tmp_path):
         main(["bench-store", "--traces", str(tmp_path / "t.jsonl"), "--rounds", "3"])
     with pytest.raises(SystemExit, match="--rounds 2 applies"):
         main(["bench-store", "--workload", "tasks", "--rounds", "2"])
+
+
+def test_fleet_e2e_refuses_rounds_without_the_repeats_workload():
+    from aded_ray.bench.fleet_e2e import main
+
+    with pytest.raises(SystemExit, match="--rounds 3 applies to --workload repeats only"):
+        main(["--rounds", "3"])                              # rollouts, the default workload: no rounds

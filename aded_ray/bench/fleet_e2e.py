@@ -112,13 +112,16 @@ def main(argv=None) -> int:
                     help="rollouts: every sample of a prompt, temperature 0.8; repeats: the prompts (greedy) "
                          "in --rounds rounds, each in a seeded random order")
     ap.add_argument("--traces", default=None, help="default: the workload's recorded traces in the cache")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=None, help="--workload repeats: rounds of the same requests (4)")
     ap.add_argument("--per-set", type=int, default=1)
     ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--store", default=str(default_store()))
     a = ap.parse_args(argv)
+    if a.rounds is not None and a.workload != "repeats":
+        raise SystemExit(f"fleet_e2e: --rounds {a.rounds} applies to --workload repeats only")
+    a.rounds = 4 if a.rounds is None else a.rounds
     reqs = workload_requests(load_traces(a.traces or cache_dir() / "traces" / f"{a.workload}.jsonl"), a.per_set)
     temperature = 0.8
     if a.workload == "repeats":
