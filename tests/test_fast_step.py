@@ -6,7 +6,7 @@ import pytest
 from aded_ray.draft import combine as C
 from aded_ray.draft.best import BestDrafter, _bfs
 from aded_ray.draft.matrix import TrigramMatrix
-from aded_ray.draft.step import _to_bfs
+from aded_ray.draft.step import _to_bfs_into
 from aded_ray.draft.suffix import TokenIndex, match
 
 
@@ -47,7 +47,8 @@ def test_to_bfs_matches_the_numpy_reordering():
     ref, order = _bfs(tok, par, sc)
     depth = np.array([1, 2, 1, 3, 2], np.int32)
     t, p, s, f = tok.copy(), par.copy(), sc.copy(), feat.copy()
-    _to_bfs(5, depth, t, p, s, f)
+    _to_bfs_into(5, depth, t, p, s, f, np.empty(5, np.int32), np.empty(5, np.int32), np.empty(5, np.int32),
+                 np.empty(5, np.int32), np.empty(5), np.empty((5, 3)))
     assert t.tolist() == ref.tokens.tolist() == [10, 12, 11, 14, 13]
     assert p.tolist() == ref.parents.tolist() == [-1, -1, 0, 1, 2]
     assert s.tolist() == ref.scores.tolist() and (f == feat[order]).all()

@@ -135,10 +135,11 @@ def _candidates(rix, hix, mat, rec, tail, n_tail, off_path, prm_f, prm_i, rconf,
     return n
 
 
-def scratch_sizes(max_nodes: int, prm_i) -> tuple[int, int, int]:
-    """Lengths of :func:`best_first_tree`'s scratch arrays (int32, float64, rows of the 2-D float64) for up to
-    ``max_nodes`` nodes with the drafter's ``prm_i``; the kernel lays them out the same way."""
-    max_len, branch, max_depth = int(prm_i[0]), int(prm_i[2]), int(prm_i[3])
+@njit(cache=True)
+def scratch_sizes(max_nodes, prm_i):
+    """Lengths of :func:`best_first_tree`'s scratch arrays ``(int32, float64, rows of the 2-D float64)`` for up
+    to ``max_nodes`` nodes with the drafter's ``prm_i`` (the kernel lays them out in this order)."""
+    max_len, branch, max_depth = prm_i[0], prm_i[2], prm_i[3]
     cap_f = max_nodes * branch + branch + 1
     n_i = (max_len + 2 + max_depth + 1) + 2 * cap_f + (max_nodes + 1) + MAX_CAND + 32 + K.MAX_SUCC + 2 + 4 * max_nodes
     n_f = C.N_SRC + cap_f + MAX_CAND + K.MAX_SUCC + max_nodes
@@ -158,9 +159,7 @@ def best_first_tree(rix, hix, mat, rec, prm_f, prm_i, rconf, hconf, w, sc, wl, m
     max_len, branch, max_depth = prm_i[0], prm_i[2], prm_i[3]
     ctx = max_len + 2                        # request tokens kept in front of the path for matching
     cap_f = max_nodes * branch + branch + 1
-    n_i = (ctx + max_depth + 1) + 2 * cap_f + (max_nodes + 1) + MAX_CAND + 32 + K.MAX_SUCC + 2 + 4 * max_nodes
-    n_f = C.N_SRC + cap_f + MAX_CAND + K.MAX_SUCC + max_nodes
-    n_g = cap_f + 2 * MAX_CAND + max_nodes
+    n_i, n_f, n_g = scratch_sizes(max_nodes, prm_i)
     if si.shape[0] < n_i or sf.shape[0] < n_f or sg.shape[0] < n_g or sg.shape[1] != C.N_FEAT:
         si = np.empty(n_i, np.int32)
         sf = np.empty(n_f, np.float64)
@@ -298,7 +297,7 @@ class _StepBuffers:
         self.par = np.empty(cap, np.int32)
         self.score = np.empty(cap, np.float64)
         self.feat = np.empty((cap, C.N_FEAT), np.float64)
-        n_i, n_f, n_g = scratch_sizes(cap, prm_i)
+        n_i, n_f, n_g = scratch_sizes(np.int64(cap), prm_i)
         self.si = np.empty(n_i, np.int32)
         self.sf = np.empty(n_f, np.float64)
         self.sg = np.empty((n_g, C.N_FEAT), np.float64)

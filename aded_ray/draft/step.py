@@ -18,19 +18,11 @@ from aded_ray.draft.suffix import index_extend, index_extend3
 OK, RESTART, SLOW = 0, 1, 2
 
 
-@njit(cache=True)
-def _to_bfs(n, depth, tok, par, score, feat):
-    """Re-order the first ``n`` insertion-ordered nodes breadth-first in place (stable within a depth),
-    remapping parents: what :func:`_bfs` does, inside the kernel."""
-    _to_bfs_into(n, depth, tok, par, score, feat, np.empty(n, np.int32), np.empty(n, np.int32),
-                 np.empty(n, tok.dtype), np.empty(n, par.dtype), np.empty(n, score.dtype),
-                 np.empty((n, feat.shape[1]), feat.dtype))
-
-
 @njit(cache=True, inline="always")
 def _to_bfs_into(n, depth, tok, par, score, feat, order, new_of, t2, p2, s2, f2):
-    """:func:`_to_bfs` with its scratch given: ``order``/``new_of`` (n ints) and room for a copy of the
-    nodes (``t2``, ``p2``, ``s2``, ``f2``: at least n rows)."""
+    """Re-order the first ``n`` insertion-ordered nodes breadth-first in place (stable within a depth),
+    remapping parents: what :func:`aded_ray.draft.best._bfs` does, inside the kernel. Scratch given:
+    ``order``/``new_of`` (n ints) and room for a copy of the nodes (``t2``, ``p2``, ``s2``, ``f2``: n rows)."""
     for i in range(n):
         t2[i] = tok[i]
         p2[i] = par[i]
