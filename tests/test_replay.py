@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aded_ray.bench.replay import accepted_length, replay
+from aded_ray.bench.replay import ReplayResult, accepted_length, replay
 from aded_ray.cli import main
 from aded_ray.draft.build import matrix_from_token_docs
 from aded_ray.draft.lookup import PromptLookupDrafter
@@ -98,3 +98,12 @@ def test_replay_sweep_reads_memory_between_steps_and_changes_no_result(monkeypat
     b = replay([trace], swept, sweep_mb=2)
     assert (a.steps, a.emitted, a.nodes) == (b.steps, b.emitted, b.nodes) == (3, 5, 6)
     assert swept.at == [1, 2, 3] and reads == [2 << 20] * 3
+
+
+def test_model_loop_host_time_pairs_each_draft_with_its_own_recycling_only():
+    # the last step of a request recycles nothing (NaN): left out, not counted as a zero
+    res = ReplayResult("x", draft_us=[100.0, 200.0, 300.0, 400.0], recycle_us=[10.0, float("nan"), 30.0, 50.0])
+    got = res.summary()
+    assert got["recycle_us_p50"] == 30.0 and got["host_us_p50"] == 330.0      # of 110, 330, 450
+    assert "host_us_p50" not in ReplayResult("y", draft_us=[1.0], recycle_us=[float("nan")]).summary()
+    assert "host_us_p50" not in ReplayResult("z", draft_us=[1.0, 2.0], recycle_us=[1.0]).summary()

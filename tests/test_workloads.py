@@ -36,6 +36,9 @@ def test_the_late_replicas_first_half_is_served_by_the_others_before_it_joins():
     assert out[1] == ["r1q0", "r1q1", "r3q1", "r1q2", "r1q3", "r1q4", "r1q5"]
     assert out[2] == ["r2q0", "r2q1", "r2q2", "r3q2", "r2q3", "r2q4", "r2q5"]
     assert late_deals([["a", "b"]], 1) == [["b"]]
+    # an uneven deal: the late replica's requests beyond a shorter replica's own go to it all the same
+    uneven = late_deals([["a0"], ["b0", "b1", "b2"], ["c0", "c1", "c2", "c3"]], 3)
+    assert uneven == [["a0", "c0", "c2"], ["b0", "b1", "c1", "b2"], ["c3"]]
 
 
 def test_bench_store_refuses_rounds_without_the_repeats_workload(tmp_path):

@@ -79,7 +79,8 @@ def model_replay(traces: list[dict], drafter, model, budget: int, name: str = "d
         res.nodes += stats.draft_tokens
         res.empty_steps += stats.steps - stats.drafts
         res.draft_us += timed.us
-        res.recycle_us += timed.rec_us + [0.0] * (len(timed.us) - len(timed.rec_us))   # none after EOS
+        # a step whose pass ended the request recycles nothing: NaN, left out of the recycling and host figures
+        res.recycle_us += timed.rec_us + [float("nan")] * (len(timed.us) - len(timed.rec_us))
         if progress is not None:
             progress.update(1)
     return res, identical

@@ -67,9 +67,11 @@ class ReplayResult:
         (observe + draft + recycle of the same step)."""
         if not self.recycle_us or len(self.recycle_us) != len(self.draft_us):
             return {}
-        rec = np.asarray(self.recycle_us)
-        host = rec + np.asarray(self.draft_us)
-        return {"recycle_us_p50": round(float(np.percentile(rec, 50)), 1),
+        rec = np.asarray(self.recycle_us, dtype=float)
+        host = (rec + np.asarray(self.draft_us))[~np.isnan(rec)]     # steps that recycled (not a request's last)
+        if not host.size:
+            return {}
+        return {"recycle_us_p50": round(float(np.nanpercentile(rec, 50)), 1),
                 "host_us_p50": round(float(np.percentile(host, 50)), 1),
                 "host_us_p95": round(float(np.percentile(host, 95)), 1)}
 
