@@ -291,9 +291,13 @@ def _bench_store(a) -> int:
         f = cache_dir() / "traces" / f"{w}.jsonl"
         if w == "repeats":
             rounds[str(f)] = a.rounds if a.rounds is not None else 4
-        if not f.is_file():
-            from aded_ray.bench import rollouts
+        from aded_ray.bench import rollouts
 
+        if w == "tasks" and f.is_file() and rollouts.stale_tasks(f):
+            print(f"{f}: recorded with another number of functions than {rollouts.TASK_INPUTS}: recording again",
+                  file=sys.stderr)
+            f.unlink()
+        if not f.is_file():
             rollouts.main([w])
         files.append(str(f))
     if not files:

@@ -55,3 +55,27 @@ def test_fleet_e2e_refuses_rounds_without_the_repeats_workload():
 
     with pytest.raises(SystemExit, match="--rounds 3 applies to --workload repeats only"):
         main(["--rounds", "3"])                              # rollouts, the default workload: no rounds
+
+
+def test_the_tasks_workload_deals_a_functions_templates_to_different_replicas():
+    from aded_ray.bench.rollouts import TASK_INPUTS, TEMPLATES, task_prompts
+
+    tasks = task_prompts(TASK_INPUTS)
+    assert len(tasks) == len(TEMPLATES) * TASK_INPUTS >= 80          # >= 10 requests for the late replica
+    deal = [tasks[i::4] for i in range(4)]                             # bench-store's round robin
+    replicas = {}
+    for r, d in enumerate(deal):
+        for t in d:
+            replicas.setdefault(t["id"].split("-", 1)[1], set()).add(r)
+    assert len(replicas) == TASK_INPUTS and all(len(v) == len(TEMPLATES) for v in replicas.values())
+
+
+def test_a_tasks_file_of_another_size_is_stale(tmp_path):
+    import json
+
+    from aded_ray.bench.rollouts import TASK_INPUTS, stale_tasks, task_prompts
+
+    f = tmp_path / "tasks.jsonl"
+    for k, stale in [(8, True), (TASK_INPUTS, False), (TASK_INPUTS + 1, True)]:
+        f.write_text("".join(json.dumps({"id": t["id"], "output_ids": [1]}) + "\n" for t in task_prompts(k)))
+        assert stale_tasks(f) is stale, k

@@ -50,6 +50,14 @@ def humaneval_functions(n: int) -> list[tuple[str, str]]:
     return [(r["task_id"], r["prompt"] + r["canonical_solution"]) for r in rows[:n]]
 
 
+# HumanEval functions of the tasks workload: not a multiple of the 4 replicas, so that round robin over the
+# template-major list sends a function's 3 templates to 3 different replicas (function f of template t is
+# request 27 t + f, on replica (3 t + f) mod 4). With 8 functions every template of f went to replica f mod 4:
+# an isolated replica saw all of a function's requests and the workload showed no sharing at all (1.00x).
+# 81 requests also give the late replica 10 requests of its own to compare.
+TASK_INPUTS = 27
+
+
 def task_prompts(n_inputs: int, templates=TEMPLATES) -> list[dict]:
     """Every template over the first ``n_inputs`` HumanEval functions, template-major (a batch job per
     template)."""
@@ -57,6 +65,13 @@ def task_prompts(n_inputs: int, templates=TEMPLATES) -> list[dict]:
     return [{"id": f"task{t}-{fid}", "group": f"task{t}", "messages": [
         {"role": "user", "content": f"{tpl}\n```python\n{code}```"}]}
         for t, tpl in enumerate(templates) for fid, code in funcs]
+
+
+def stale_tasks(path: str | Path) -> bool:
+    """Whether a recorded tasks file holds another workload than ``task_prompts(TASK_INPUTS)`` (an earlier
+    default, a ``--k`` of one's own): its request ids differ."""
+    ids = [json.loads(line)["id"] for line in Path(path).read_text().splitlines() if line.strip()]
+    return ids != [t["id"] for t in task_prompts(TASK_INPUTS)]
 
 
 def _top(logits, k: int = TOP_K):
@@ -140,13 +155,15 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description="record the rollout and repeated-task workloads")
     ap.add_argument("which", choices=("rollouts", "tasks", "repeats"))
-    ap.add_argument("--k", type=int, default=8,
-                    help="rollouts, repeats: prompts per set; tasks: inputs per template")
+    ap.add_argument("--k", type=int, default=None,
+                    help=f"rollouts, repeats: prompts per set (8); tasks: inputs per template ({TASK_INPUTS})")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    if a.k is None:
+        a.k = TASK_INPUTS if a.which == "tasks" else 8
     out = a.out or cache_dir() / "traces" / f"{a.which}.jsonl"
     if a.which == "rollouts":
         return 0 if record(rollout_prompts(a.k), out, n=a.n, temperature=a.temperature,
