@@ -79,3 +79,15 @@ def test_a_tasks_file_of_another_size_is_stale(tmp_path):
     for k, stale in [(8, True), (TASK_INPUTS, False), (TASK_INPUTS + 1, True)]:
         f.write_text("".join(json.dumps({"id": t["id"], "output_ids": [1]}) + "\n" for t in task_prompts(k)))
         assert stale_tasks(f) is stale, k
+
+
+def test_fleet_e2e_tasks_keep_every_template_of_the_first_functions_in_recorded_order():
+    from aded_ray.bench.fleet_e2e import task_requests
+
+    traces = [{"id": f"task{t}-HumanEval/{f}", "prompt_ids": [t, f]} for t in range(3) for f in range(6)]
+    got = task_requests(traces, 5)
+    assert [r["id"] for r in got] == [f"task{t}-HumanEval/{f}" for t in range(3) for f in range(5)]
+    assert [r["prompt_ids"] for r in got[:2]] == [[0, 0], [0, 1]] and got[-1]["seed"] == 1014
+    deal = [got[i::4] for i in range(4)]                        # fleet_jobs' round robin: 3 replicas per function
+    for f in range(5):
+        assert sum(any(r["id"].endswith(f"/{f}") for r in d) for d in deal) == 3

@@ -1,6 +1,6 @@
 """End to end: a fleet of engine processes (the model verifying) serving the rollout workload (or the
-repeats workload: the same prompts, greedy, in ``rounds`` rounds of random order), sharing one Redis store
-or each alone; tokens/s and MAT.
+repeats workload: the same prompts, greedy, in ``rounds`` rounds of random order; or the tasks workload:
+every template over a few functions, greedy), sharing one Redis store or each alone; tokens/s and MAT.
 
 Each process builds an :class:`aded_ray.engine.Engine` (``threads`` torch threads, one request at a time),
 warms up on one unrelated request, connects its matrix and drafter to the store (shared) or not
@@ -72,6 +72,19 @@ def workload_requests(traces: list[dict], per_set: int) -> list[dict]:
     return [{"id": t["id"], "prompt_ids": t["prompt_ids"], "seed": 1000 + i} for i, t in enumerate(chosen)]
 
 
+def task_requests(traces: list[dict], functions: int) -> list[dict]:
+    """The tasks workload's requests for its first ``functions`` inputs, every template, in the recorded
+    (template-major) order: round robin gives a function's requests to different replicas when ``functions``
+    is not a multiple of their number, and a later template's request follows the earlier ones' on the others."""
+    keep: list[str] = []
+    for t in traces:
+        fn = t["id"].split("-", 1)[1]
+        if fn not in keep and len(keep) < functions:
+            keep.append(fn)
+    chosen = [t for t in traces if t["id"].split("-", 1)[1] in keep]
+    return [{"id": t["id"], "prompt_ids": t["prompt_ids"], "seed": 1000 + i} for i, t in enumerate(chosen)]
+
+
 def fleet_jobs(requests: list[dict], store, url, ready: str, processes: int, max_new: int, threads: int,
                temperature: float, speculate: bool = True) -> list[tuple]:
     """One worker's arguments per process: requests dealt round robin, and **one** store namespace for the
@@ -108,12 +121,13 @@ def main(argv=None) -> int:
     from aded_ray.store.server import RedisServer
 
     ap = argparse.ArgumentParser(description="end-to-end fleet on a repeated-request workload: shared vs isolated")
-    ap.add_argument("--workload", choices=("rollouts", "repeats"), default="rollouts",
+    ap.add_argument("--workload", choices=("rollouts", "repeats", "tasks"), default="rollouts",
                     help="rollouts: every sample of a prompt, temperature 0.8; repeats: the prompts (greedy) "
-                         "in --rounds rounds, each in a seeded random order")
+                         "in --rounds rounds, each in a seeded random order; tasks: every template over the "
+                         "first --per-set functions (greedy)")
     ap.add_argument("--traces", default=None, help="default: the workload's recorded traces in the cache")
     ap.add_argument("--rounds", type=int, default=None, help="--workload repeats: rounds of the same requests (4)")
-    ap.add_argument("--per-set", type=int, default=1)
+    ap.add_argument("--per-set", type=int, default=1, help="prompts per set (tasks: functions)")
     ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=1)
@@ -122,8 +136,9 @@ def main(argv=None) -> int:
     if a.rounds is not None and a.workload != "repeats":
         raise SystemExit(f"fleet_e2e: --rounds {a.rounds} applies to --workload repeats only")
     a.rounds = 4 if a.rounds is None else a.rounds
-    reqs = workload_requests(load_traces(a.traces or cache_dir() / "traces" / f"{a.workload}.jsonl"), a.per_set)
-    temperature = 0.8
+    traces = load_traces(a.traces or cache_dir() / "traces" / f"{a.workload}.jsonl")
+    reqs = task_requests(traces, a.per_set) if a.workload == "tasks" else workload_requests(traces, a.per_set)
+    temperature = 0.0 if a.workload == "tasks" else 0.8
     if a.workload == "repeats":
         from aded_ray.bench.rollouts import repeat_rounds
 
@@ -138,7 +153,7 @@ def main(argv=None) -> int:
         srv.stop()
     same = sum(iso["ids"][k] == sh["ids"][k] for k in iso["ids"])
     same_plain = [sum(plain["ids"][k] == r["ids"][k] for k in plain["ids"]) for r in (iso, sh)]
-    what = "samples" if a.workload == "rollouts" else f"{a.rounds} rounds"
+    what = {"rollouts": "samples", "repeats": f"{a.rounds} rounds", "tasks": "templates"}[a.workload]
     print(f"{len(reqs)} requests ({a.workload}: {a.per_set} prompt(s) per set x {what}), {a.processes} processes x "
           f"{a.threads} thread(s), mode {sh['mode']}, speculation {sh['speculate']}, temperature {temperature}, "
           f"max {a.max_new_tokens} tokens; identical outputs shared vs isolated: {same}/{len(reqs)}, "
