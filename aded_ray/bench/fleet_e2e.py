@@ -153,8 +153,9 @@ def main(argv=None) -> int:
         srv.stop()
     same = sum(iso["ids"][k] == sh["ids"][k] for k in iso["ids"])
     same_plain = [sum(plain["ids"][k] == r["ids"][k] for k in plain["ids"]) for r in (iso, sh)]
-    what = {"rollouts": "samples", "repeats": f"{a.rounds} rounds", "tasks": "templates"}[a.workload]
-    print(f"{len(reqs)} requests ({a.workload}: {a.per_set} prompt(s) per set x {what}), {a.processes} processes x "
+    what = {"rollouts": f"{a.per_set} prompt(s) per set x samples", "repeats": f"{a.per_set} prompt(s) per set x "
+            f"{a.rounds} rounds", "tasks": f"{a.per_set} function(s) x templates"}[a.workload]
+    print(f"{len(reqs)} requests ({a.workload}: {what}), {a.processes} processes x "
           f"{a.threads} thread(s), mode {sh['mode']}, speculation {sh['speculate']}, temperature {temperature}, "
           f"max {a.max_new_tokens} tokens; identical outputs shared vs isolated: {same}/{len(reqs)}, "
           f"isolated vs plain: {same_plain[0]}/{len(reqs)}, shared vs plain: {same_plain[1]}/{len(reqs)}")
