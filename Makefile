@@ -58,7 +58,9 @@ bench-draft: setup
 	$(VENV)/bin/aded bench-draft --store $(STORE) --traces $(CACHE)/traces/humaneval.jsonl --model-loop
 
 bench-store: setup
-	for d in aded best; do $(VENV)/bin/aded bench-store --drafter $$d --store $(STORE) --traces $(CACHE)/traces/mtbench.jsonl $(CACHE)/traces/humaneval.jsonl; done
+	@test -f $(CACHE)/traces/humaneval.jsonl || $(MAKE) --no-print-directory traces
+	$(VENV)/bin/aded bench-store --drafter best --store $(STORE) --workload rollouts repeats tasks --traces $(CACHE)/traces/mtbench.jsonl $(CACHE)/traces/humaneval.jsonl
+	$(VENV)/bin/aded bench-store --drafter aded --store $(STORE) --traces $(CACHE)/traces/mtbench.jsonl $(CACHE)/traces/humaneval.jsonl
 
 bench: setup
 	@test -f $(STORE) || $(MAKE) --no-print-directory store
