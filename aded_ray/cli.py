@@ -286,13 +286,13 @@ def _bench_store(a) -> int:
     files = list(a.traces or [])
     if a.rounds is not None and "repeats" not in (a.workload or []):
         raise SystemExit(f"bench-store: --rounds {a.rounds} applies to --workload repeats only")
+    from aded_ray.bench import rollouts
+
     rounds = {}                            # file -> rounds of its requests (the repeats workload)
     for w in a.workload or []:             # the recorded repeated-request workloads (recorded when missing)
         f = cache_dir() / "traces" / f"{w}.jsonl"
         if w == "repeats":
             rounds[str(f)] = a.rounds if a.rounds is not None else 4
-        from aded_ray.bench import rollouts
-
         if w == "tasks" and f.is_file() and rollouts.stale_tasks(f):
             print(f"{f}: recorded with another number of functions than {rollouts.TASK_INPUTS}: recording again",
                   file=sys.stderr)
@@ -326,9 +326,7 @@ def _bench_store(a) -> int:
         for f in files:
             traces = load_traces(f)[:a.limit] if a.limit else load_traces(f)
             if f in rounds:
-                from aded_ray.bench.rollouts import repeat_rounds
-
-                traces = repeat_rounds(traces, rounds[f])
+                traces = rollouts.repeat_rounds(traces, rounds[f])
             r = run_fleet(traces, a.store, processes=a.processes,
                           drafter=a.drafter, url=url, pace_ms=pace, first=a.first, share_model=not a.no_share_model)
             print(markdown(Path(f).stem, a.drafter, r, step), flush=True)

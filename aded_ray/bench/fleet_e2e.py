@@ -76,12 +76,9 @@ def task_requests(traces: list[dict], functions: int) -> list[dict]:
     """The tasks workload's requests for its first ``functions`` inputs, every template, in the recorded
     (template-major) order: round robin gives a function's requests to different replicas when ``functions``
     is not a multiple of their number, and a later template's request follows the earlier ones' on the others."""
-    keep: list[str] = []
-    for t in traces:
-        fn = t["id"].split("-", 1)[1]
-        if fn not in keep and len(keep) < functions:
-            keep.append(fn)
-    chosen = [t for t in traces if t["id"].split("-", 1)[1] in keep]
+    fn = [t["id"].split("-", 1)[1] for t in traces]            # "task{t}-{function id}"
+    keep = set(list(dict.fromkeys(fn))[:functions])
+    chosen = [t for t, f in zip(traces, fn) if f in keep]
     return [{"id": t["id"], "prompt_ids": t["prompt_ids"], "seed": 1000 + i} for i, t in enumerate(chosen)]
 
 
