@@ -1,7 +1,8 @@
 """``fp32-mkl``, the CPU default where a probe finds MKL's kernel no slower: linears packed once by MKL's sgemm.
-A packed linear is the linear (literal weights and inputs), a row's result does not depend on how many rows
-share the call (SmolLM2's linear shapes, random weights), the default follows the probe (cached per machine),
-the mode refuses what it cannot run, and an engine in it decodes under load what each request decodes alone, greedy outputs equal to
+A packed linear is the linear (literal weights and inputs); a row's result does not depend on how many rows
+share the call, by construction (small calls padded to the fewest rows the probe finds it takes; SmolLM2's
+linear shapes, random weights); the default follows the probe (cached per machine); the mode refuses what it
+cannot run; and an engine in it decodes under load what each request decodes alone, greedy outputs equal to
 ``model.generate`` (the real SmolLM2)."""
 import numpy as np
 import pytest
@@ -27,28 +28,55 @@ def test_packed_linear_is_the_linear_on_literal_values():
 
 
 @pytest.mark.parametrize("n_out,n_in", [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 576)])
-def test_a_rows_result_is_independent_of_the_rows_beside_it_exactly_where_the_probe_says_so(n_out, n_in):
+def test_a_rows_result_is_independent_of_the_rows_beside_it_by_construction(n_out, n_in):
     # SmolLM2's projections (q/o, k/v, gate/up, down; a slice of the LM head): is every row of a call of 1 to 40
-    # rows, at several offsets, bit for bit that row of one 64-row call? On the AVX-512 Xeon yes (oneDNN's
-    # packed down_proj is not: a lone row takes another kernel; nor is a pack made for one row, so the pack is
-    # made for 64); on the AVX2 AMD EPYC no (odd counts below 10 take other kernels). Whichever it is, the
-    # probe the service chooses its mode by (``row_invariant``, on its own shapes) must say the same
-    from aded_ray.verify.modes import row_invariant
+    # rows, at several offsets, bit for bit that row of one 64-row call? MKL's kernel as it is: on the AVX-512
+    # Xeon yes, on the AVX2 AMD EPYC no (1-3, 5-7, 9-11 rows take other kernels), and the probe
+    # (``row_invariant``, on its own shapes) must say the same. The mode's module, padded as this machine's
+    # probe measured (``mkl_min_rows``): yes wherever a padding was found (every CPU measured so far)
+    from aded_ray.verify.modes import measure_mkl_padding, row_invariant
 
     torch.manual_seed(n_out + n_in)
     lin = torch.nn.Linear(n_in, n_out, bias=False)
-    packed = MklPackedLinear(lin)
+    bare, padded = MklPackedLinear(lin, min_rows=1), MklPackedLinear(lin)
     x = torch.randn(64, n_in)
-    same = True
+    same = {"bare": True, "padded": True}
     with torch.no_grad():
-        full = packed(x)
-        np.testing.assert_allclose(full.numpy(), lin(x).numpy(), atol=1e-4)
-        for rows in list(range(1, 18)) + [31, 32, 33, 40]:
-            for start in (0, 3, 64 - rows):
-                got = packed(x[start:start + rows].contiguous())
-                np.testing.assert_allclose(got.numpy(), full[start:start + rows].numpy(), atol=1e-4)
-                same &= torch.equal(got, full[start:start + rows])
-    assert same == row_invariant(MklPackedLinear)
+        for name, packed in (("bare", bare), ("padded", padded)):
+            full = packed(x)
+            np.testing.assert_allclose(full.numpy(), lin(x).numpy(), atol=1e-4)
+            for rows in list(range(1, 18)) + [31, 32, 33, 40]:
+                for start in (0, 3, 64 - rows):
+                    got = packed(x[start:start + rows].contiguous())
+                    np.testing.assert_allclose(got.numpy(), full[start:start + rows].numpy(), atol=1e-4)
+                    same[name] &= torch.equal(got, full[start:start + rows])
+    assert same["bare"] == row_invariant(lambda lin: MklPackedLinear(lin, min_rows=1))
+    assert same["padded"] == (measure_mkl_padding() is not None)
+    assert measure_mkl_padding() is not None, "no padding makes MKL row-invariant on this CPU: fp32-mkl is not exact"
+
+
+def test_padding_is_the_fewest_rows_that_make_mkl_row_invariant_here():
+    from aded_ray.verify.modes import MKL_PAD_CANDIDATES, measure_mkl_padding, mkl_min_rows, row_invariant
+
+    pad = measure_mkl_padding()
+    assert pad in MKL_PAD_CANDIDATES and mkl_min_rows() == pad
+    assert row_invariant(lambda lin: MklPackedLinear(lin, min_rows=pad))
+    for fewer in (q for q in MKL_PAD_CANDIDATES if q < pad):        # none smaller would do
+        assert not row_invariant(lambda lin: MklPackedLinear(lin, min_rows=fewer))
+
+
+def test_a_padded_call_returns_only_its_own_rows_on_literal_values():
+    lin = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]]))
+        lin.bias.copy_(torch.tensor([0.25, -4.0]))
+    packed = MklPackedLinear(lin, min_rows=12)
+    x = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, -1.0]])
+    assert packed(x).tolist() == [[6.25, -4.5], [-0.75, -6.0]]                        # 2 rows, computed as 12
+    assert packed(x[None, :1]).shape == (1, 1, 2) and packed(x[:1]).tolist() == [[6.25, -4.5]]
+    assert packed(x.repeat(7, 1)).shape == (14, 2)                                     # more rows: no padding
+    with pytest.raises(ValueError, match="min_rows must be at least 1, not 0"):
+        MklPackedLinear(lin, min_rows=0)
 
 
 class _RowByRow(torch.nn.Module):
@@ -85,10 +113,14 @@ def test_the_service_chooses_a_row_invariant_mode_where_this_cpu_has_one(tmp_pat
         assert inv[choice], (choice, inv)
     saved = json.loads(next((tmp_path / "modes").glob("cpu-linears-*.json")).read_text())
     assert saved["row_invariant"] == inv and saved["choice"] == choice
-    # a file from before the invariance probe (timings only) is probed again, not trusted
-    (tmp_path / "modes" / next((tmp_path / "modes").glob("*.json")).name).write_text(
-        json.dumps({"us": {"fp32-mkl": 1.0, "fp32-packed": 2.0}, "choice": "bogus"}))
+    assert saved["mkl_min_rows"] == modes.measure_mkl_padding()
+    # a file from before the invariance probe (timings only), or from before the padding, is probed again
+    cached = next((tmp_path / "modes").glob("*.json"))
+    cached.write_text(json.dumps({"us": {"fp32-mkl": 1.0, "fp32-packed": 2.0}, "choice": "bogus"}))
     assert modes.preferred_cpu_mode() == choice
+    cached.write_text(json.dumps({"us": {"fp32-mkl": 1.0, "fp32-packed": 2.0}, "choice": "fp32-mkl",
+                                  "row_invariant": {"fp32-mkl": False, "fp32-packed": True}}))
+    assert modes.preferred_cpu_mode() == choice and modes.mkl_min_rows() == saved["mkl_min_rows"]
 
 
 @pytest.mark.parametrize("probe", ["fp32-mkl", "fp32-packed"])
@@ -129,8 +161,8 @@ def test_the_probe_prefers_mkl_unless_onednn_is_clearly_faster_and_is_cached_per
     monkeypatch.setattr(modes, "measure_row_invariance", lambda: invariance.append(1) or {"fp32-mkl": True,
                                                                                          "fp32-packed": True})
     probes = []
-    monkeypatch.setattr(modes, "probe_cpu_linears", lambda: probes.append(1) or {"fp32-mkl": 300.0,
-                                                                                  "fp32-packed": 200.0})
+    monkeypatch.setattr(modes, "probe_cpu_linears", lambda **kw: probes.append(1) or {"fp32-mkl": 300.0,
+                                                                                      "fp32-packed": 200.0})
     assert modes.preferred_cpu_mode() == "fp32-packed" and modes.preferred_cpu_mode() == "fp32-packed"
     assert len(probes) == 1 and len(list((tmp_path / "modes").glob("cpu-linears-*.json"))) == 1   # measured once
     if modes._both_libraries():     # the engine's invariance check reads the same file: nothing measured again

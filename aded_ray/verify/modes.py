@@ -4,7 +4,7 @@
 |---------------|-------------------------------------------|--------------------------------------------|
 | ``fp32``      | eager ``nn.Linear``                       | yes (rows independent to ~5e-5)            |
 | ``fp32-packed`` | fp32, pre-packed for oneDNN (CPU only)  | yes                                        |
-| ``fp32-mkl``  | fp32, pre-packed for MKL's sgemm (CPU only) | yes, linears row-invariant; fastest measured |
+| ``fp32-mkl``  | fp32, pre-packed for MKL's sgemm (CPU only) | yes, linears row-invariant (padded where needed) |
 | ``bf16``      | eager bf16                                | no on CPUs: a k-token pass rounds differently|
 | ``bf16-packed`` | bf16, pre-packed for oneDNN (CPU only)  | no (plain decoding only)                   |
 | ``fp16``      | eager fp16 (GPUs)                         | checked at start-up                        |
@@ -17,7 +17,11 @@ model pass; and a row's result is bit-identical whatever the number of rows in t
 any offset), where oneDNN computes a lone row of the 1536-input ``down_proj`` with another kernel. The packing
 is done for 64 rows: a pack made for a single row gives that row another result (measured), one made for 2+
 rows does not. Inductor's frozen CPU graphs use the same kernel (``mkl._mkl_linear``); this mode gets it
-without compiling, and without one copy of the weights per compiled shape.
+without compiling, and without one copy of the weights per compiled shape. On the AVX2 AMD EPYC MKL computes
+calls of 1-3, 5-7 and 9-11 rows with kernels that round a row differently from every larger call (measured: all
+counts 12-299, any offset, agree); there the mode pads such calls to 12 rows (:func:`measure_mkl_padding`, cached
+with the probe), so that a row's bits never depend on the rows beside it, whatever the CPU: exact by
+construction, not by luck of the batch's size.
 
 "Exact" is measured, not assumed: :mod:`aded_ray.verify.exactness` compares tree passes of the shapes the loop
 uses with plain decoding at start-up. A mode that fails it may still serve plain decoding, never speculation.
@@ -59,9 +63,15 @@ class MklPackedLinear(torch.nn.Module):
 
     ``mkl._mkl_linear`` takes the unpacked weight too, only to fall back to a plain linear when the call's row
     count differs from the one it is told; it is told the real count, so it gets a stand-in of the weight's
-    shape, and the module holds no second copy of the weight."""
+    shape, and the module holds no second copy of the weight.
 
-    def __init__(self, linear: torch.nn.Linear):
+    ``min_rows``: a call with fewer rows is computed padded with zero rows to ``min_rows`` and cut back. MKL picks
+    its kernel by the row count, and on some CPUs small counts take kernels that round a row differently (the
+    AVX2 AMD EPYC: 1-3, 5-7 and 9-11 rows); padding them to a count whose kernel rounds like every larger call's
+    makes a row's result independent of the rows beside it *by construction*. ``None`` (the default): this
+    machine's measured padding (:func:`mkl_min_rows`, 1 where MKL is row-invariant as it is, as on the Xeon)."""
+
+    def __init__(self, linear: torch.nn.Linear, min_rows: int | None = None):
         super().__init__()
         with torch.no_grad():
             w = linear.weight.detach()
@@ -72,13 +82,21 @@ class MklPackedLinear(torch.nn.Module):
             self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(),
                                  persistent=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.min_rows = mkl_min_rows() if min_rows is None else int(min_rows)
+        if self.min_rows < 1:
+            raise ValueError(f"min_rows must be at least 1, not {min_rows!r}")
         # never read (see above); allocated, never written: its pages are not resident. A real [out, in]
         # tensor, not a stride-0 view: a compiled graph would materialise a view into a buffer on every call
         self.register_buffer("stand_in", torch.empty(self.out_features, self.in_features), persistent=False)
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
+        n = rows.shape[0]
+        if n < self.min_rows:
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, self.min_rows - n))
         y = torch.ops.mkl._mkl_linear(rows, self.packed, self.stand_in, self.bias, rows.shape[0])
+        if n < self.min_rows:
+            y = y[:n]
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -123,8 +141,8 @@ def row_invariant(kind, shapes=PROBE_SHAPES, counts=ROW_COUNTS, full: int = 64) 
     the call (each of ``counts`` rows against those rows of one ``full``-row call, random weights). Where it
     does, a tree pass, a batched pass and a lone decoding step give a token's row the same bits. It depends on
     the CPU, not only on the library: MKL's packed sgemm is row-invariant on the AVX-512 Xeon and not on the
-    AVX2 AMD EPYC (odd row counts below 10 take other kernels there); oneDNN's is on the EPYC, and not on the
-    Xeon for a lone row of the 1536-input projection."""
+    AVX2 AMD EPYC (1-3, 5-7 and 9-11 rows take other kernels there; padded to 12 rows it is); oneDNN's is on
+    the EPYC, and not on the Xeon for a lone row of the 1536-input projection."""
     gen = torch.Generator().manual_seed(7)
     with torch.inference_mode():
         for n, k in shapes:
@@ -140,14 +158,16 @@ def row_invariant(kind, shapes=PROBE_SHAPES, counts=ROW_COUNTS, full: int = 64) 
     return True
 
 
-def probe_cpu_linears(rows: int = 8, reps: int = 60) -> dict[str, float]:
-    """µs per round of :data:`PROBE_SHAPES` at ``rows`` rows, MKL-packed against oneDNN-packed, interleaved,
-    median of ``reps`` (~0.1 s). MKL's kernels differ by CPU vendor and instruction set: measured, not assumed."""
+def probe_cpu_linears(rows: int = 8, reps: int = 60, mkl_min_rows: int = 1) -> dict[str, float]:
+    """µs per round of :data:`PROBE_SHAPES` at ``rows`` rows, MKL-packed (padded to ``mkl_min_rows``) against
+    oneDNN-packed, interleaved, median of ``reps`` (~0.1 s). MKL's kernels differ by CPU vendor and instruction
+    set: measured, not assumed."""
     import time
 
     torch.manual_seed(0)
     layers = [torch.nn.Linear(k, n, bias=False) for n, k in PROBE_SHAPES]
-    kinds = {"fp32-mkl": [MklPackedLinear(lin) for lin in layers], "fp32-packed": [PackedLinear(lin) for lin in layers]}
+    kinds = {"fp32-mkl": [MklPackedLinear(lin, min_rows=mkl_min_rows) for lin in layers],
+             "fp32-packed": [PackedLinear(lin) for lin in layers]}
     xs = [torch.randn(rows, k) for _, k in PROBE_SHAPES]
     times = {name: [] for name in kinds}
     with torch.inference_mode():
@@ -160,14 +180,32 @@ def probe_cpu_linears(rows: int = 8, reps: int = 60) -> dict[str, float]:
     return {name: round(1e6 * sorted(ts)[len(ts) // 2], 1) for name, ts in times.items()}
 
 
+MKL_PAD_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32)
+_MKL_PADDING: list[int | None] = []
+
+
+def measure_mkl_padding(candidates=MKL_PAD_CANDIDATES) -> int | None:
+    """The fewest rows (of ``candidates``) that MKL's packed linear must pad a smaller call to for a row's result
+    to be bit for bit the same whatever the number of rows in the call (:func:`row_invariant`), or ``None`` when
+    none does. 1 on the Xeon (no padding), 12 on the AVX2 AMD EPYC. Measured once per process (~0.1 s)."""
+    if not _MKL_PADDING:
+        found = None
+        if mkl_available():
+            found = next((p for p in candidates if row_invariant(lambda lin, p=p: MklPackedLinear(lin, min_rows=p))),
+                         None)
+        _MKL_PADDING.append(found)
+    return _MKL_PADDING[0]
+
+
 _INVARIANCE: dict[str, bool] = {}
 
 
 def measure_row_invariance() -> dict[str, bool]:
-    """:func:`row_invariant` of both packed modes on this CPU (measured once per process, ~0.1 s; a mode whose
-    library this torch build lacks is ``False``)."""
+    """Whether each packed mode is row-invariant on this CPU (measured once per process, ~0.1 s; a mode whose
+    library this torch build lacks is ``False``): oneDNN's as it is, MKL's with the padding
+    :func:`measure_mkl_padding` finds."""
     if not _INVARIANCE:
-        _INVARIANCE.update({"fp32-mkl": mkl_available() and row_invariant(MklPackedLinear),
+        _INVARIANCE.update({"fp32-mkl": mkl_available() and measure_mkl_padding() is not None,
                             "fp32-packed": torch.backends.mkldnn.is_available() and row_invariant(PackedLinear)})
     return dict(_INVARIANCE)
 
@@ -177,10 +215,11 @@ def _both_libraries() -> bool:
 
 
 def cpu_probe() -> dict:
-    """This machine's CPU probe, ``{"us": ..., "row_invariant": ..., "choice": ...}``: measured once per machine
-    kind (:func:`probe_cpu_linears`, :func:`measure_row_invariance`, :func:`choose_cpu_mode`) and cached in
-    ``$ADED_CACHE_DIR/modes`` so that every process of a machine, every restart included, reads the same verdict
-    instead of measuring again. Files written before the invariance probe (timings only) are measured again."""
+    """This machine's CPU probe, ``{"us": ..., "row_invariant": ..., "mkl_min_rows": ..., "choice": ...}``:
+    measured once per machine kind (:func:`measure_row_invariance`, :func:`measure_mkl_padding`,
+    :func:`probe_cpu_linears` with that padding, :func:`choose_cpu_mode`) and cached in ``$ADED_CACHE_DIR/modes``
+    so that every process of a machine, every restart included, reads the same verdict instead of measuring
+    again. Files written before a field existed are measured again."""
     import json
     import os
 
@@ -190,18 +229,30 @@ def cpu_probe() -> dict:
     path = cache_dir() / "modes" / f"cpu-linears-{machine_key()}.json"
     try:
         got = json.loads(path.read_text())
-        if "row_invariant" in got and got.get("choice") in MODES:
+        if "row_invariant" in got and int(got.get("mkl_min_rows", 0)) >= 1 and got.get("choice") in MODES:
             return got
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
-    us = probe_cpu_linears()
     invariant = measure_row_invariance()
-    got = {"us": us, "row_invariant": invariant, "choice": choose_cpu_mode(us, invariant)}
+    pad = measure_mkl_padding() or 1
+    us = probe_cpu_linears(mkl_min_rows=pad)
+    got = {"us": us, "row_invariant": invariant, "mkl_min_rows": pad, "choice": choose_cpu_mode(us, invariant)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(got))
     tmp.replace(path)
     return got
+
+
+def mkl_min_rows() -> int:
+    """The rows :class:`MklPackedLinear` pads a smaller call to on this machine: the cached probe's where torch
+    has both libraries, else measured once per process; 1 (no padding) where no padding helps (the mode is then
+    reported not row-invariant) or torch has no MKL."""
+    if not mkl_available():
+        return 1
+    if _both_libraries():
+        return int(cpu_probe()["mkl_min_rows"])
+    return measure_mkl_padding() or 1
 
 
 def cpu_row_invariance() -> dict[str, bool]:
