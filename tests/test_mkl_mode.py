@@ -27,18 +27,29 @@ def test_packed_linear_is_the_linear_on_literal_values():
     assert not hasattr(packed, "weight") and packed.stand_in.shape == (2, 3)   # a stand-in, never read
 
 
-@pytest.mark.parametrize("n_out,n_in", [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 576)])
-def test_a_rows_result_is_independent_of_the_rows_beside_it_by_construction(n_out, n_in):
-    # SmolLM2's projections (q/o, k/v, gate/up, down; a slice of the LM head): is every row of a call of 1 to 40
-    # rows, at several offsets, bit for bit that row of one 64-row call? MKL's kernel as it is: on the AVX-512
-    # Xeon yes, on the AVX2 AMD EPYC no (1-3, 5-7, 9-11 rows take other kernels), and the probe
-    # (``row_invariant``, on its own shapes) must say the same. The mode's module, padded as this machine's
-    # probe measured (``mkl_min_rows``): yes wherever a padding was found (every CPU measured so far)
-    from aded_ray.verify.modes import measure_mkl_padding, row_invariant
+def _kind(mode):
+    from aded_ray.verify.modes import PackedLinear
 
+    if mode == "fp32-packed" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    return MklPackedLinear if mode == "fp32-mkl" else PackedLinear
+
+
+@pytest.mark.parametrize("mode", ["fp32-mkl", "fp32-packed"])
+@pytest.mark.parametrize("n_out,n_in", [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 576)])
+def test_a_rows_result_is_independent_of_the_rows_beside_it_by_construction(mode, n_out, n_in):
+    # SmolLM2's projections (q/o, k/v, gate/up, down; a slice of the LM head): is every row of a call of 1 to 40
+    # rows, at several offsets, bit for bit that row of one 64-row call? The kernels as they are: MKL's on the
+    # AVX-512 Xeon yes, on the AVX2 AMD EPYC no (1-3, 5-7, 9-11 rows take other kernels); oneDNN's on the EPYC
+    # yes, on the Xeon not for a lone row of the 1536-input projection; the probe (``row_invariant``, on its own
+    # shapes) must say the same. The mode's module, padded as this machine's probe measured
+    # (``machine_min_rows``): yes wherever a padding was found (every CPU measured so far)
+    from aded_ray.verify.modes import measure_padding, row_invariant
+
+    kind = _kind(mode)
     torch.manual_seed(n_out + n_in)
     lin = torch.nn.Linear(n_in, n_out, bias=False)
-    bare, padded = MklPackedLinear(lin, min_rows=1), MklPackedLinear(lin)
+    bare, padded = kind(lin, min_rows=1), kind(lin)
     x = torch.randn(64, n_in)
     same = {"bare": True, "padded": True}
     with torch.no_grad():
@@ -50,33 +61,38 @@ def test_a_rows_result_is_independent_of_the_rows_beside_it_by_construction(n_ou
                     got = packed(x[start:start + rows].contiguous())
                     np.testing.assert_allclose(got.numpy(), full[start:start + rows].numpy(), atol=1e-4)
                     same[name] &= torch.equal(got, full[start:start + rows])
-    assert same["bare"] == row_invariant(lambda lin: MklPackedLinear(lin, min_rows=1))
-    assert same["padded"] == (measure_mkl_padding() is not None)
-    assert measure_mkl_padding() is not None, "no padding makes MKL row-invariant on this CPU: fp32-mkl is not exact"
+    assert same["bare"] == row_invariant(lambda lin: kind(lin, min_rows=1))
+    assert same["padded"] == (measure_padding(mode) is not None)
+    assert measure_padding(mode) is not None, f"no padding makes {mode} row-invariant on this CPU: it is not exact"
 
 
-def test_padding_is_the_fewest_rows_that_make_mkl_row_invariant_here():
-    from aded_ray.verify.modes import MKL_PAD_CANDIDATES, measure_mkl_padding, mkl_min_rows, row_invariant
+@pytest.mark.parametrize("mode", ["fp32-mkl", "fp32-packed"])
+def test_padding_is_the_fewest_rows_that_make_the_kernel_row_invariant_here(mode):
+    from aded_ray.verify.modes import PAD_CANDIDATES, machine_min_rows, measure_padding, row_invariant
 
-    pad = measure_mkl_padding()
-    assert pad in MKL_PAD_CANDIDATES and mkl_min_rows() == pad
-    assert row_invariant(lambda lin: MklPackedLinear(lin, min_rows=pad))
-    for fewer in (q for q in MKL_PAD_CANDIDATES if q < pad):        # none smaller would do
-        assert not row_invariant(lambda lin: MklPackedLinear(lin, min_rows=fewer))
+    kind = _kind(mode)
+    pad = measure_padding(mode)
+    assert pad in PAD_CANDIDATES and machine_min_rows(mode) == pad
+    assert row_invariant(lambda lin: kind(lin, min_rows=pad))
+    for fewer in (q for q in PAD_CANDIDATES if q < pad):        # none smaller would do
+        assert not row_invariant(lambda lin: kind(lin, min_rows=fewer))
 
 
-def test_a_padded_call_returns_only_its_own_rows_on_literal_values():
+@pytest.mark.parametrize("mode", ["fp32-mkl", "fp32-packed"])
+def test_a_padded_call_returns_only_its_own_rows_on_literal_values(mode):
+    kind = _kind(mode)
     lin = torch.nn.Linear(3, 2)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]]))
         lin.bias.copy_(torch.tensor([0.25, -4.0]))
-    packed = MklPackedLinear(lin, min_rows=12)
+    packed = kind(lin, min_rows=12)
     x = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, -1.0]])
     assert packed(x).tolist() == [[6.25, -4.5], [-0.75, -6.0]]                        # 2 rows, computed as 12
     assert packed(x[None, :1]).shape == (1, 1, 2) and packed(x[:1]).tolist() == [[6.25, -4.5]]
     assert packed(x.repeat(7, 1)).shape == (14, 2)                                     # more rows: no padding
+    assert packed(x[None].repeat(3, 4, 1)).shape == (3, 8, 2)                         # [B, T, K]
     with pytest.raises(ValueError, match="min_rows must be at least 1, not 0"):
-        MklPackedLinear(lin, min_rows=0)
+        kind(lin, min_rows=0)
 
 
 class _RowByRow(torch.nn.Module):
@@ -113,14 +129,14 @@ def test_the_service_chooses_a_row_invariant_mode_where_this_cpu_has_one(tmp_pat
         assert inv[choice], (choice, inv)
     saved = json.loads(next((tmp_path / "modes").glob("cpu-linears-*.json")).read_text())
     assert saved["row_invariant"] == inv and saved["choice"] == choice
-    assert saved["mkl_min_rows"] == modes.measure_mkl_padding()
-    # a file from before the invariance probe (timings only), or from before the padding, is probed again
+    assert saved["min_rows"] == {m: modes.measure_padding(m) for m in ("fp32-mkl", "fp32-packed")}
+    # a file from before the invariance probe (timings only), or from before the paddings, is probed again
     cached = next((tmp_path / "modes").glob("*.json"))
     cached.write_text(json.dumps({"us": {"fp32-mkl": 1.0, "fp32-packed": 2.0}, "choice": "bogus"}))
     assert modes.preferred_cpu_mode() == choice
     cached.write_text(json.dumps({"us": {"fp32-mkl": 1.0, "fp32-packed": 2.0}, "choice": "fp32-mkl",
-                                  "row_invariant": {"fp32-mkl": False, "fp32-packed": True}}))
-    assert modes.preferred_cpu_mode() == choice and modes.mkl_min_rows() == saved["mkl_min_rows"]
+                                  "row_invariant": {"fp32-mkl": False, "fp32-packed": True}, "mkl_min_rows": 12}))
+    assert modes.preferred_cpu_mode() == choice and modes.machine_min_rows("fp32-mkl") == saved["min_rows"]["fp32-mkl"]
 
 
 @pytest.mark.parametrize("probe", ["fp32-mkl", "fp32-packed"])

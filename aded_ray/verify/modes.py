@@ -19,9 +19,10 @@ is done for 64 rows: a pack made for a single row gives that row another result 
 rows does not. Inductor's frozen CPU graphs use the same kernel (``mkl._mkl_linear``); this mode gets it
 without compiling, and without one copy of the weights per compiled shape. On the AVX2 AMD EPYC MKL computes
 calls of 1-3, 5-7 and 9-11 rows with kernels that round a row differently from every larger call (measured: all
-counts 12-299, any offset, agree); there the mode pads such calls to 12 rows (:func:`measure_mkl_padding`, cached
+counts 12-299, any offset, agree); there the mode pads such calls to 12 rows (:func:`measure_padding`, cached
 with the probe), so that a row's bits never depend on the rows beside it, whatever the CPU: exact by
-construction, not by luck of the batch's size.
+construction, not by luck of the batch's size. ``fp32-packed`` gets the same treatment (on the Xeon its lone
+rows of the 1536-input projection need a second row; on the EPYC it needs none).
 
 "Exact" is measured, not assumed: :mod:`aded_ray.verify.exactness` compares tree passes of the shapes the loop
 uses with plain decoding at start-up. A mode that fails it may still serve plain decoding, never speculation.
@@ -39,10 +40,21 @@ MODES = ("fp32", "fp32-packed", "fp32-mkl", "bf16", "bf16-packed", "fp16")
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-class PackedLinear(torch.nn.Module):
-    """An ``nn.Linear`` whose weight is reordered once into oneDNN's blocked layout (CPU inference only)."""
+def _pad_rows(rows, min_rows: int):
+    """``rows`` [n, in] with zero rows appended up to ``min_rows`` (or as it is when it has enough)."""
+    n = rows.shape[0]
+    return rows if n >= min_rows else torch.nn.functional.pad(rows, (0, 0, 0, min_rows - n))
 
-    def __init__(self, linear: torch.nn.Linear):
+
+class PackedLinear(torch.nn.Module):
+    """An ``nn.Linear`` whose weight is reordered once into oneDNN's blocked layout (CPU inference only).
+
+    ``min_rows`` as :class:`MklPackedLinear`'s: a smaller call is computed padded with zero rows. ``None``: this
+    machine's measured padding for fp32 weights (:func:`machine_min_rows`; 1, no padding, where oneDNN is
+    row-invariant as it is, as on the AMD EPYC; on the Xeon a lone row of the 1536-input projection takes
+    another kernel), 1 for other dtypes (``bf16-packed`` serves plain decoding only)."""
+
+    def __init__(self, linear: torch.nn.Linear, min_rows: int | None = None):
         super().__init__()
         with torch.no_grad():
             self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None),
@@ -50,9 +62,18 @@ class PackedLinear(torch.nn.Module):
             self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(),
                                  persistent=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        if min_rows is None:
+            min_rows = machine_min_rows("fp32-packed") if linear.weight.dtype == torch.float32 else 1
+        self.min_rows = int(min_rows)
+        if self.min_rows < 1:
+            raise ValueError(f"min_rows must be at least 1, not {min_rows!r}")
 
     def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.min_rows == 1:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        rows = x.reshape(-1, self.in_features)
+        y = torch.ops.mkldnn._linear_pointwise(_pad_rows(rows, self.min_rows), self.packed, self.bias, "none", [], "")
+        return y[:rows.shape[0]].reshape(*x.shape[:-1], self.out_features)
 
 
 MKL_PACK_ROWS = 64     # rows MKL packs a weight for: any 2+ gives every row count the same result, 1 does not
@@ -69,7 +90,7 @@ class MklPackedLinear(torch.nn.Module):
     its kernel by the row count, and on some CPUs small counts take kernels that round a row differently (the
     AVX2 AMD EPYC: 1-3, 5-7 and 9-11 rows); padding them to a count whose kernel rounds like every larger call's
     makes a row's result independent of the rows beside it *by construction*. ``None`` (the default): this
-    machine's measured padding (:func:`mkl_min_rows`, 1 where MKL is row-invariant as it is, as on the Xeon)."""
+    machine's measured padding (:func:`machine_min_rows`, 1 where MKL is row-invariant as it is, as on the Xeon)."""
 
     def __init__(self, linear: torch.nn.Linear, min_rows: int | None = None):
         super().__init__()
@@ -82,7 +103,7 @@ class MklPackedLinear(torch.nn.Module):
             self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(),
                                  persistent=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.min_rows = mkl_min_rows() if min_rows is None else int(min_rows)
+        self.min_rows = machine_min_rows("fp32-mkl") if min_rows is None else int(min_rows)
         if self.min_rows < 1:
             raise ValueError(f"min_rows must be at least 1, not {min_rows!r}")
         # never read (see above); allocated, never written: its pages are not resident. A real [out, in]
@@ -92,12 +113,9 @@ class MklPackedLinear(torch.nn.Module):
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
         n = rows.shape[0]
-        if n < self.min_rows:
-            rows = torch.nn.functional.pad(rows, (0, 0, 0, self.min_rows - n))
-        y = torch.ops.mkl._mkl_linear(rows, self.packed, self.stand_in, self.bias, rows.shape[0])
-        if n < self.min_rows:
-            y = y[:n]
-        return y.reshape(*x.shape[:-1], self.out_features)
+        padded = _pad_rows(rows, self.min_rows)
+        y = torch.ops.mkl._mkl_linear(padded, self.packed, self.stand_in, self.bias, padded.shape[0])
+        return y[:n].reshape(*x.shape[:-1], self.out_features)
 
 
 def pack_linears(model: torch.nn.Module, kind=PackedLinear) -> torch.nn.Module:
@@ -158,16 +176,17 @@ def row_invariant(kind, shapes=PROBE_SHAPES, counts=ROW_COUNTS, full: int = 64) 
     return True
 
 
-def probe_cpu_linears(rows: int = 8, reps: int = 60, mkl_min_rows: int = 1) -> dict[str, float]:
-    """µs per round of :data:`PROBE_SHAPES` at ``rows`` rows, MKL-packed (padded to ``mkl_min_rows``) against
-    oneDNN-packed, interleaved, median of ``reps`` (~0.1 s). MKL's kernels differ by CPU vendor and instruction
-    set: measured, not assumed."""
+def probe_cpu_linears(rows: int = 8, reps: int = 60, min_rows: dict[str, int] | None = None) -> dict[str, float]:
+    """µs per round of :data:`PROBE_SHAPES` at ``rows`` rows, MKL-packed against oneDNN-packed, each padded to
+    its ``min_rows`` (default 1), interleaved, median of ``reps`` (~0.1 s). MKL's kernels differ by CPU vendor
+    and instruction set: measured, not assumed."""
     import time
 
     torch.manual_seed(0)
     layers = [torch.nn.Linear(k, n, bias=False) for n, k in PROBE_SHAPES]
-    kinds = {"fp32-mkl": [MklPackedLinear(lin, min_rows=mkl_min_rows) for lin in layers],
-             "fp32-packed": [PackedLinear(lin) for lin in layers]}
+    pad = {"fp32-mkl": 1, "fp32-packed": 1, **(min_rows or {})}
+    kinds = {"fp32-mkl": [MklPackedLinear(lin, min_rows=pad["fp32-mkl"]) for lin in layers],
+             "fp32-packed": [PackedLinear(lin, min_rows=pad["fp32-packed"]) for lin in layers]}
     xs = [torch.randn(rows, k) for _, k in PROBE_SHAPES]
     times = {name: [] for name in kinds}
     with torch.inference_mode():
@@ -180,33 +199,38 @@ def probe_cpu_linears(rows: int = 8, reps: int = 60, mkl_min_rows: int = 1) -> d
     return {name: round(1e6 * sorted(ts)[len(ts) // 2], 1) for name, ts in times.items()}
 
 
-MKL_PAD_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32)
-_MKL_PADDING: list[int | None] = []
+PAD_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32)
+_PADDING: dict[str, int | None] = {}
 
 
-def measure_mkl_padding(candidates=MKL_PAD_CANDIDATES) -> int | None:
-    """The fewest rows (of ``candidates``) that MKL's packed linear must pad a smaller call to for a row's result
-    to be bit for bit the same whatever the number of rows in the call (:func:`row_invariant`), or ``None`` when
-    none does. 1 on the Xeon (no padding), 12 on the AVX2 AMD EPYC. Measured once per process (~0.1 s)."""
-    if not _MKL_PADDING:
-        found = None
-        if mkl_available():
-            found = next((p for p in candidates if row_invariant(lambda lin, p=p: MklPackedLinear(lin, min_rows=p))),
-                         None)
-        _MKL_PADDING.append(found)
-    return _MKL_PADDING[0]
+def _padded_kind(mode: str):
+    return {"fp32-mkl": MklPackedLinear, "fp32-packed": PackedLinear}[mode]
+
+
+def _has_library(mode: str) -> bool:
+    return mkl_available() if mode == "fp32-mkl" else torch.backends.mkldnn.is_available()
+
+
+def measure_padding(mode: str, candidates=PAD_CANDIDATES) -> int | None:
+    """The fewest rows (of ``candidates``) that a packed mode's linear (``fp32-mkl`` or ``fp32-packed``) must pad
+    a smaller call to for a row's result to be bit for bit the same whatever the number of rows in the call
+    (:func:`row_invariant`), or ``None`` when none does (or the library is missing). Measured on the AVX2 AMD
+    EPYC: MKL 12, oneDNN 1 (no padding). Measured once per process (~0.1 s per candidate tried)."""
+    if mode not in _PADDING:
+        kind = _padded_kind(mode)
+        _PADDING[mode] = next((p for p in candidates if row_invariant(lambda lin, p=p: kind(lin, min_rows=p))),
+                              None) if _has_library(mode) else None
+    return _PADDING[mode]
 
 
 _INVARIANCE: dict[str, bool] = {}
 
 
 def measure_row_invariance() -> dict[str, bool]:
-    """Whether each packed mode is row-invariant on this CPU (measured once per process, ~0.1 s; a mode whose
-    library this torch build lacks is ``False``): oneDNN's as it is, MKL's with the padding
-    :func:`measure_mkl_padding` finds."""
+    """Whether each packed mode is row-invariant on this CPU with the padding :func:`measure_padding` finds
+    (measured once per process; a mode whose library this torch build lacks is ``False``)."""
     if not _INVARIANCE:
-        _INVARIANCE.update({"fp32-mkl": mkl_available() and measure_mkl_padding() is not None,
-                            "fp32-packed": torch.backends.mkldnn.is_available() and row_invariant(PackedLinear)})
+        _INVARIANCE.update({mode: measure_padding(mode) is not None for mode in ("fp32-mkl", "fp32-packed")})
     return dict(_INVARIANCE)
 
 
@@ -215,9 +239,9 @@ def _both_libraries() -> bool:
 
 
 def cpu_probe() -> dict:
-    """This machine's CPU probe, ``{"us": ..., "row_invariant": ..., "mkl_min_rows": ..., "choice": ...}``:
-    measured once per machine kind (:func:`measure_row_invariance`, :func:`measure_mkl_padding`,
-    :func:`probe_cpu_linears` with that padding, :func:`choose_cpu_mode`) and cached in ``$ADED_CACHE_DIR/modes``
+    """This machine's CPU probe, ``{"us": ..., "row_invariant": ..., "min_rows": ..., "choice": ...}``:
+    measured once per machine kind (:func:`measure_row_invariance`, :func:`measure_padding` per packed mode,
+    :func:`probe_cpu_linears` with those paddings, :func:`choose_cpu_mode`) and cached in ``$ADED_CACHE_DIR/modes``
     so that every process of a machine, every restart included, reads the same verdict instead of measuring
     again. Files written before a field existed are measured again."""
     import json
@@ -229,14 +253,16 @@ def cpu_probe() -> dict:
     path = cache_dir() / "modes" / f"cpu-linears-{machine_key()}.json"
     try:
         got = json.loads(path.read_text())
-        if "row_invariant" in got and int(got.get("mkl_min_rows", 0)) >= 1 and got.get("choice") in MODES:
+        pads = got.get("min_rows")
+        if "row_invariant" in got and isinstance(pads, dict) and got.get("choice") in MODES \
+                and all(int(pads.get(m, 0)) >= 1 for m in ("fp32-mkl", "fp32-packed")):
             return got
     except (OSError, ValueError, KeyError, TypeError):
         pass
     invariant = measure_row_invariance()
-    pad = measure_mkl_padding() or 1
-    us = probe_cpu_linears(mkl_min_rows=pad)
-    got = {"us": us, "row_invariant": invariant, "mkl_min_rows": pad, "choice": choose_cpu_mode(us, invariant)}
+    pads = {mode: measure_padding(mode) or 1 for mode in ("fp32-mkl", "fp32-packed")}
+    us = probe_cpu_linears(min_rows=pads)
+    got = {"us": us, "row_invariant": invariant, "min_rows": pads, "choice": choose_cpu_mode(us, invariant)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(got))
@@ -244,20 +270,20 @@ def cpu_probe() -> dict:
     return got
 
 
-def mkl_min_rows() -> int:
-    """The rows :class:`MklPackedLinear` pads a smaller call to on this machine: the cached probe's where torch
-    has both libraries, else measured once per process; 1 (no padding) where no padding helps (the mode is then
-    reported not row-invariant) or torch has no MKL."""
-    if not mkl_available():
+def machine_min_rows(mode: str) -> int:
+    """The rows a packed mode's linear (``fp32-mkl``, ``fp32-packed``) pads a smaller call to on this machine:
+    the cached probe's where torch has both libraries, else measured once per process; 1 (no padding) where no
+    padding helps (the mode is then reported not row-invariant) or the library is missing."""
+    if not _has_library(mode):
         return 1
     if _both_libraries():
-        return int(cpu_probe()["mkl_min_rows"])
-    return measure_mkl_padding() or 1
+        return int(cpu_probe()["min_rows"][mode])
+    return measure_padding(mode) or 1
 
 
 def cpu_row_invariance() -> dict[str, bool]:
-    """Whether each packed mode is row-invariant on this CPU: the cached probe's verdict where torch has both
-    libraries (the service's choice was made from it), else measured once per process."""
+    """Whether each packed mode is row-invariant on this CPU (with its padding): the cached probe's verdict where
+    torch has both libraries (the service's choice was made from it), else measured once per process."""
     return dict(cpu_probe()["row_invariant"]) if _both_libraries() else measure_row_invariance()
 
 
