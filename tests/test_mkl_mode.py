@@ -234,3 +234,23 @@ def test_engine_in_fp32_mkl_is_lossless_under_load(mkl_engine, sibling):
 @pytest.mark.slow
 def test_engine_in_fp32_mkl_equals_generate(mkl_engine, greedy_references, sibling):
     sibling("test_static").concurrent_greedy_equals_generate(mkl_engine, greedy_references)
+
+
+def test_the_padding_is_measured_per_thread_count(monkeypatch):
+    # MKL's kernels differ by thread count (on the AMD EPYC: 12 rows with 2 threads, 4 with 1), as the probe's
+    # cache file does (its key holds the count): a process's measurement is kept per count, never reused for another
+    from aded_ray.verify import modes
+
+    monkeypatch.setattr(modes, "_PADDING", {})
+    threads, tried = [2], []
+    monkeypatch.setattr(modes.torch, "get_num_threads", lambda: threads[0])
+    monkeypatch.setattr(modes, "row_invariant", lambda kind: tried.append(threads[0]) or threads[0] == 2)
+    assert modes.measure_padding("fp32-mkl") == 1 and modes.measure_padding("fp32-mkl") == 1 and tried == [2]
+    threads[0] = 1
+    assert modes.measure_padding("fp32-mkl") is None and len(tried) == 1 + len(modes.PAD_CANDIDATES)
+    assert modes.measure_padding("fp32-mkl") is None and len(tried) == 1 + len(modes.PAD_CANDIDATES)  # kept
+    threads[0] = 2
+    assert modes.measure_padding("fp32-mkl") == 1 and len(tried) == 1 + len(modes.PAD_CANDIDATES)
+    assert modes.measure_row_invariance()["fp32-mkl"] is True
+    threads[0] = 1
+    assert modes.measure_row_invariance()["fp32-mkl"] is False

@@ -200,7 +200,7 @@ def probe_cpu_linears(rows: int = 8, reps: int = 60, min_rows: dict[str, int] | 
 
 
 PAD_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32)
-_PADDING: dict[str, int | None] = {}
+_PADDING: dict[tuple[str, int], int | None] = {}
 
 
 def _padded_kind(mode: str):
@@ -215,23 +215,20 @@ def measure_padding(mode: str, candidates=PAD_CANDIDATES) -> int | None:
     """The fewest rows (of ``candidates``) that a packed mode's linear (``fp32-mkl`` or ``fp32-packed``) must pad
     a smaller call to for a row's result to be bit for bit the same whatever the number of rows in the call
     (:func:`row_invariant`), or ``None`` when none does (or the library is missing). Measured on the AVX2 AMD
-    EPYC: MKL 12, oneDNN 1 (no padding). Measured once per process (~0.1 s per candidate tried)."""
-    if mode not in _PADDING:
+    EPYC: MKL 12 with 2 threads, 4 with 1, oneDNN 1 (no padding). Measured once per process and thread count
+    (the kernels differ by it, as the probe's cache file does; ~0.1 s per candidate tried)."""
+    key = (mode, torch.get_num_threads())
+    if key not in _PADDING:
         kind = _padded_kind(mode)
-        _PADDING[mode] = next((p for p in candidates if row_invariant(lambda lin, p=p: kind(lin, min_rows=p))),
-                              None) if _has_library(mode) else None
-    return _PADDING[mode]
-
-
-_INVARIANCE: dict[str, bool] = {}
+        _PADDING[key] = next((p for p in candidates if row_invariant(lambda lin, p=p: kind(lin, min_rows=p))),
+                             None) if _has_library(mode) else None
+    return _PADDING[key]
 
 
 def measure_row_invariance() -> dict[str, bool]:
     """Whether each packed mode is row-invariant on this CPU with the padding :func:`measure_padding` finds
-    (measured once per process; a mode whose library this torch build lacks is ``False``)."""
-    if not _INVARIANCE:
-        _INVARIANCE.update({mode: measure_padding(mode) is not None for mode in ("fp32-mkl", "fp32-packed")})
-    return dict(_INVARIANCE)
+    (measured once per process and thread count; a mode whose library this torch build lacks is ``False``)."""
+    return {mode: measure_padding(mode) is not None for mode in ("fp32-mkl", "fp32-packed")}
 
 
 def _both_libraries() -> bool:
