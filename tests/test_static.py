@@ -106,21 +106,6 @@ def test_static_verifier_refuses_what_does_not_fit(model):
         StaticTreeVerifier(model, widths=(0, 4))
 
 
-@pytest.mark.slow
-def test_compiled_pass_is_token_identical_to_the_eager_pass(model, tokenizer, corpus_matrix, references):
-    """torch.compile (inductor on CPUs) over the fixed widths: greedy outputs, plain and speculative, equal
-    the eager static path's and model.generate's (two widths: ~1 min of compiling on 2 cores)."""
-    eos = [tokenizer.eos_token_id]
-    refs = [out for _, out in references]
-    eager = StaticTreeVerifier(model, widths=(1, 8), max_len=256)
-    compiled = StaticTreeVerifier(model, widths=(1, 8), max_len=256, compile=True)
-    assert compiled.compiled and compiled._fn is not model.forward
-    for nodes, matrix in ((0, corpus_matrix), (7, corpus_matrix), (7, _perfect(tokenizer, references))):
-        want = _decode(eager, matrix, references, eos, nodes)[0]
-        assert want == refs
-        assert _decode(compiled, matrix, references, eos, nodes)[0] == want
-
-
 def test_compiled_passes_are_configured_for_one_request_and_weights_the_compiler_can_call():
     from pydantic import ValidationError
 
@@ -147,26 +132,39 @@ def test_compiled_passes_are_configured_for_one_request_and_weights_the_compiler
 
 
 @pytest.mark.slow
-def test_engine_with_compiled_passes_speculates_and_equals_generate(references):
+def test_engine_with_compiled_passes_speculates_and_equals_generate(tokenizer, corpus_matrix, references):
     """``verify.compile``: the engine's requests run through compiled static passes (one at a time), draft,
-    and decode exactly what ``model.generate`` decodes."""
+    and decode exactly what ``model.generate`` decodes; and the same compiled graphs (torch.compile, inductor
+    on CPUs, over the fixed widths), driven plain, speculating on the corpus store and on a store that knows
+    the answers (long accepted paths: KV compaction inside the graphs), decode what the eager static path and
+    ``model.generate`` decode (the eager static path equals ``model.generate`` on these prompts and settings:
+    :func:`test_static_verifier_greedy_equals_generate_plain_and_speculative`). One compile for both: two
+    widths take ~3 min of compiling on the 2-core EPYC, and a second model object would double it."""
     from aded_ray.config import EngineConfig, VerifyConfig
     from aded_ray.engine import Engine
     from aded_ray.verify.static import StaticTreeVerifier
 
-    # a serving process compiles one model; this test process compiled another SmolLM2 object above, and
-    # dynamo's per-code state would then mark every size that differs as dynamic (~2x the compile time)
+    # a serving process compiles one model; had this test process compiled another SmolLM2 object, dynamo's
+    # per-code state would mark every size that differs as dynamic (~2x the compile time)
     torch._dynamo.reset()
     e = Engine(EngineConfig(verify=VerifyConfig(compile=True, widths=[1, 8]), max_batch=1))   # 2 shapes: quick
     try:
         assert e.speculate and e.widths == [1, 8] and e.max_nodes == 7
-        assert isinstance(e.make_verifier(), StaticTreeVerifier)
+        compiled = e.make_verifier()
+        assert isinstance(compiled, StaticTreeVerifier)
+        assert compiled.compiled and compiled._fn is not e.model.forward
         drafted = 0
         for ids, ref in references:
             chunks = list(e.generate(ids, max_new_tokens=NEW))
             assert [t for c in chunks for t in c.token_ids] == ref
             drafted += chunks[-1].stats.draft_tokens
         assert drafted > 0
+        eos, refs = [tokenizer.eos_token_id], [out for _, out in references]
+        eager = StaticTreeVerifier(e.model, widths=(1, 8), max_len=256)
+        for nodes, matrix in ((0, corpus_matrix), (7, corpus_matrix), (7, _perfect(tokenizer, references))):
+            want = _decode(eager, matrix, references, eos, nodes)[0]
+            assert want == refs
+            assert _decode(compiled, matrix, references, eos, nodes)[0] == want
     finally:
         e.shutdown()
 
