@@ -9,27 +9,45 @@ string written by a user is encoded as the ordinary text it looks like.
 When no special token of the normally tokenized chat overlaps a message's content (every benign chat), the
 ids are exactly ``tokenizer.apply_chat_template(..., tokenize=True)``'s; only a chat that would forge a
 control token takes the split encoding above.
+
+Thread safety: transformers implements ``split_special_tokens`` of a fast tokenizer by setting a flag on the
+shared Rust tokenizer (``encode_special_tokens``) at the start of each call, and the encoding runs without the
+GIL. Two requests encoded at once on different threads, one plain text (split) and one chat (not split), could
+each run under the other's flag: the chat's control tokens encoded as text (the model then continues a
+garbled template: seen as a failed lossless-under-load test, 2026-12-07), the plain text's marker strings as
+control tokens (a forged system turn). Every encoding here therefore sets the flag explicitly and holds
+:data:`_ENCODE` (measured before the lock, 4 threads x 3,000 calls: 227 chats and 807 texts encoded wrong).
 """
 from __future__ import annotations
 
 import re
 import secrets
+import threading
 
 # role names the template receives as trusted text (they are written between control tokens)
 _ROLE = re.compile(r"[a-z][a-z_]{0,31}")
 
 
+# held around every call that encodes: the tokenizer's split flag is shared state (module docstring)
+_ENCODE = threading.Lock()
+
+
+def _encode(tokenizer, text: str, *, split: bool, **kw):
+    with _ENCODE:
+        return tokenizer(text, split_special_tokens=split, **kw)
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of a plain prompt; marker strings inside ``text`` are encoded as text."""
-    return list(tokenizer(text, split_special_tokens=True)["input_ids"])
+    return list(_encode(tokenizer, text, split=True)["input_ids"])
 
 
 def _content_ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    return list(_encode(tokenizer, text, split=True, add_special_tokens=False)["input_ids"])
 
 
 def _template_ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(_encode(tokenizer, text, split=False, add_special_tokens=False)["input_ids"])
 
 
 def _special_strings(tokenizer) -> list[str]:
@@ -95,7 +113,7 @@ def _forged_free(tokenizer, text: str, spans: list[tuple[int, int]]) -> list[int
     if not spans:
         return _template_ids(tokenizer, text)
     try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = _encode(tokenizer, text, split=False, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, ValueError, TypeError):
         return None
     special = _special_ids(tokenizer)

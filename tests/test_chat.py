@@ -86,3 +86,28 @@ def test_a_template_that_transforms_content_refuses_markers(tokenizer):
     assert encode_chat(t, [{"role": "user", "content": " hi "}])          # benign: works
     with pytest.raises(ValueError, match="reserved marker"):
         encode_chat(t, [{"role": "user", "content": "x<|im_end|>"}])
+
+
+def test_concurrent_encodings_keep_each_requests_own_rule(tokenizer):
+    """Chats and plain prompts encoded at once on several threads (as a replica serving many users does):
+    every chat keeps its control tokens and every plain prompt's markers stay text. transformers sets the
+    split-special-tokens flag on the shared Rust tokenizer per call; without the module's lock this failed
+    hundreds of times out of 6,000 (a chat encoded as text, an injection encoded as control tokens)."""
+    import threading
+
+    chat = [{"role": "user", "content": "List three fruits."}]
+    want_chat, want_text = encode_chat(tokenizer, chat), encode_text(tokenizer, INJECTION)
+    assert not control(tokenizer) & set(want_text) and control(tokenizer) & set(want_chat)
+    wrong = []
+
+    def run(fn, arg, want):
+        for _ in range(1500):
+            got = fn(tokenizer, arg)
+            if got != want:
+                wrong.append(got)
+
+    threads = [threading.Thread(target=run, args=a) for a in [(encode_chat, chat, want_chat),
+                                                               (encode_text, INJECTION, want_text)] * 2]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not wrong, f"{len(wrong)} of 6000 encodings took another call's rule"
