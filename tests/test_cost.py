@@ -65,6 +65,9 @@ def test_cache_is_reused_unless_the_probe_is_off_by_more_than_a_factor_two(tmp_p
     fast = lambda: PassCost({1: {1: 12.0, 8: 18.0}})          # noqa: E731 - 0.4x, 0.45x: measured again
     cached_pass_cost(measure, fast, "k", tmp_path)
     assert len(calls) == 3
+    f = next(tmp_path.glob("cost-*.json"))                   # a damaged cache: zeros are no table
+    f.write_text(f.read_text().replace("30.0", "0.0").replace("40.0", "0.0"))
+    assert cached_pass_cost(measure, ok, "k", tmp_path)(1, 1) == 30.0 and len(calls) == 4
 
 
 def test_a_compiled_pass_costs_its_token_bucket():

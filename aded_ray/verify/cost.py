@@ -242,8 +242,12 @@ def machine_key() -> str:
 
 def probe_ratio(seen: PassCost, cached: PassCost) -> float:
     """The median over the probe's points of (probed ms / cached ms): how far the machine now is from the
-    cached table's level, robust to one noisy point."""
-    return float(np.median([ms / cached(b, w) for b, ws in seen.to_dict().items() for w, ms in ws.items()]))
+    cached table's level, robust to one noisy point (inf where the cache holds no positive number there)."""
+    def ratio(b: int, w: int, ms: float) -> float:
+        c = cached(b, w)
+        return ms / c if np.isfinite(c) and c > 0 else float("inf")
+
+    return float(np.median([ratio(b, w, ms) for b, ws in seen.to_dict().items() for w, ms in ws.items()]))
 
 
 def cached_pass_cost(measure, probe, key: str, cache_dir: Path, refresh: bool = False,
@@ -256,10 +260,10 @@ def cached_pass_cost(measure, probe, key: str, cache_dir: Path, refresh: bool = 
     from 1 either way (the cache was measured under heavy load, or the machine's state changed) the whole
     table is measured again and the cache rewritten. Anything closer: the cached table's shape at the probe's
     level (every curve scaled by the ratio; the online update, :meth:`PassCost.observe`, keeps the level
-    current from there). A wide band, and a median, on
-    purpose: on the 2-core EPYC VM, idle, the same pass measured 84 ms and 99 ms, and an 8-token pass 120 ms
-    and 203 ms, a few minutes apart (2026-12-07), and the former check (every point within 15%) measured
-    the table again (~45-60 s, most of an engine's start) at nearly every start."""
+    current from there). A wide band, and a median, on purpose: on the 2-core EPYC VM, idle, the same pass
+    measured 84 ms and 99 ms, and an 8-token pass 120 ms and 203 ms, a few minutes apart (2026-12-07), and the
+    former check (every point within 15%) measured the table again (~45-60 s, most of an engine's start) at
+    nearly every start. A cached table with a point that is not a positive number is measured again."""
     f = Path(cache_dir) / f"cost-{machine_key()}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
     if f.is_file() and not refresh:
         try:
