@@ -68,6 +68,12 @@ class VerifyConfig(_Strict):
     # run measures it (`make gpu-check`). The deployment (deployments/aded.yaml) sets it.
     compile: Literal["auto"] | bool = False
     compile_tokens: Literal["auto"] | list[int] = "auto"
+    # Attention kernel: "invariant" computes a query row from its own keys alone, in a fixed order, so a
+    # tree pass's rows equal plain decoding's bit for bit (sampled outputs cannot flip on a rounding;
+    # aded_ray/verify/invariant_attention.py; float32 on CPUs, measured +0-15% per pass against SDPA);
+    # "sdpa": torch's (rows agree with plain decoding to ~5e-5). "auto": invariant on CPUs in the float32
+    # modes with tp_size 1 (not the compiled static path), sdpa elsewhere.
+    attention: Literal["auto", "sdpa", "invariant"] = "auto"
 
     @model_validator(mode="after")
     def _compile_needs_plain_weights(self):
@@ -105,6 +111,20 @@ class VerifyConfig(_Strict):
         if self.compile is True and mode != "fp32-mkl":
             return "fp32"  # the compiler packs by itself (a copy per compiled shape)
         return mode
+
+    def resolved_attention(self, static: bool = False) -> str:
+        """The attention kernel: see ``attention``. ``static``: the compiled static single-request path
+        (which has no invariant attention). Raises ``ValueError`` naming the setting where "invariant"
+        cannot run (a GPU, a half-precision mode, tensor parallelism, the static path)."""
+        fits = (self.resolved_device() == "cpu" and self.resolved_mode() in ("fp32", "fp32-packed", "fp32-mkl")
+                and self.tp_size == 1 and not static)
+        if self.attention == "auto":
+            return "invariant" if fits else "sdpa"
+        if self.attention == "invariant" and not fits:
+            raise ValueError(f"attention 'invariant' runs float32 passes on a CPU with tp_size 1 and no static "
+                             f"compiled path; here device {self.resolved_device()!r}, mode {self.resolved_mode()!r}, "
+                             f"tp_size {self.tp_size}{', static compiled passes' if static else ''}")
+        return self.attention
 
     def resolved_compile_tokens(self) -> list[int]:
         """Token buckets of compiled batched passes: "auto" = [1, 2, 4, 8, 16, 32] on CPUs (each costs a

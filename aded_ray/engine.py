@@ -79,6 +79,7 @@ class Engine:
             if warning := row_invariance_warning(self.mode):
                 log.warning(warning)
         self.widths = v.resolved_widths() if v.tp_size == 1 and not cfg.compiled_batched else []
+        self.attention = v.resolved_attention(static=cfg.compiled_static)
         self.model_path = resolve_model(v.model)
         self.tokenizer = load_tokenizer(v.model)
         self.group = None
@@ -104,13 +105,17 @@ class Engine:
             from aded_ray.verify.target import TreeVerifier
 
             self.model = load_for_mode(v.model, self.mode, self.device)
-            self.make_verifier = lambda: TreeVerifier(self.model, widths=self.widths)
+            self.make_verifier = lambda: TreeVerifier(self.model, widths=self.widths, attention=self.attention)
         self.eos_ids = self._eos_ids()
         self.max_nodes = cfg.draft.max_nodes if not self.widths else min(cfg.draft.max_nodes, self.widths[-1] - 1)
         wanted = speculate and cfg.draft.method != "none" and self.max_nodes > 0
         self.exactness = check_exactness(self.make_verifier, self.mode, check_shapes(self.widths, self.max_nodes),
                                          vocab=min(len(self.tokenizer), 30000)) if wanted else None
         self.exact = self.exactness is not None and self.exactness.exact
+        if self.exact and self.attention == "invariant" and not self.exactness.bitwise:
+            log.warning("attention 'invariant' but tree passes differ from plain decoding by %.3g here (%s): "
+                        "some operation other than attention is not row-invariant on this machine",
+                        self.exactness.max_diff, self.exactness.summary())
         self.speculation_off_reason = None
         if self.exactness is not None and not self.exact:
             self.speculation_off_reason = f"not exact on this machine: {self.exactness.summary()}"
@@ -132,7 +137,7 @@ class Engine:
                   or cfg.max_batch == 1 and not self.widths)
         make_kv = (lambda: SerialKV(self.make_verifier)) if serial else (
             lambda: BatchKV(self.model, prefill_chunk=cfg.prefill_chunk, widths=self.widths,
-                            compile_tokens=buckets, compile_mode=compile_mode))
+                            compile_tokens=buckets, compile_mode=compile_mode, attention=self.attention))
         kv = make_kv()
         if buckets:
             t0 = time.perf_counter()
@@ -179,6 +184,8 @@ class Engine:
             nested = all(isinstance(x, dict) for x in v.cost_curve.values())
             return PassCost(v.cost_curve if nested else {1: v.cost_curve}, self.widths)
         mode_key = self.mode if v.tp_size == 1 else f"{self.mode}-tp{v.tp_size}"
+        if self.attention != "sdpa":
+            mode_key += f"-{self.attention}"
         compiled = self.config.compiled_static or self.config.compiled_batched
         mode_key += f"-{self.device}" + "".join(f"-w{w}" for w in self.widths) + ("-compiled" if compiled else "")
         if self.config.compiled_batched:

@@ -61,7 +61,9 @@ def test_a_rows_result_is_independent_of_the_rows_beside_it_by_construction(mode
                     got = packed(x[start:start + rows].contiguous())
                     np.testing.assert_allclose(got.numpy(), full[start:start + rows].numpy(), atol=1e-4)
                     same[name] &= torch.equal(got, full[start:start + rows])
-    assert same["bare"] == row_invariant(lambda lin: kind(lin, min_rows=1))
+    # per shape: the kernel a call takes depends on its shape (on the AVX-512 AMD EPYC, oneDNN's lone rows of
+    # the 1536-input projection only, as on the Xeon)
+    assert same["bare"] == row_invariant(lambda lin: kind(lin, min_rows=1), shapes=[(n_out, n_in)])
     assert same["padded"] == (measure_padding(mode) is not None)
     assert measure_padding(mode) is not None, f"no padding makes {mode} row-invariant on this CPU: it is not exact"
 

@@ -41,6 +41,8 @@ import torch
 
 from aded_ray.draft.tree import DraftTree, ancestor_mask
 from aded_ray.verify.compiled_batch import bucket_for, compiled_ragged_forward, run_compiled
+from aded_ray.verify.invariant_attention import ATTENTIONS, Rows
+from aded_ray.verify.invariant_attention import attention as invariant_attention
 
 
 @functools.cache
@@ -134,6 +136,12 @@ def _register_ragged_attention() -> str:
     def attention(module, query, key, value, attention_mask, aded_pass=None, scaling=None, dropout=0.0,
                   **kwargs):
         p = aded_pass
+        if p is not None and p.rows is not None:       # row-invariant attention (verify.attention)
+            kb, vb = p.buffers(module.layer_idx)
+            B, H, W, D = query.shape
+            q = query[0].transpose(0, 1) if p.ragged else query.transpose(1, 2).reshape(B * W, H, D)
+            out = invariant_attention(q, kb, vb, p.rows, scaling)
+            return (out[None] if p.ragged else out.reshape(B, W, H, D)), None
         if p is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
@@ -200,6 +208,8 @@ class _Pass:
     brings ``counts[r]`` tokens, packed in order) also carries where each token's keys go and how its
     queries map onto the padded attention batch."""
 
+    rows: Rows | None = None        # set when the pass's attention is the row-invariant kernel
+
     def __init__(self, first: int, lens: np.ndarray, width: int, device, counts: np.ndarray | None = None):
         self.first, self.batch, self.width = first, len(lens), width
         self.kv_len = int(lens.max()) + width
@@ -234,8 +244,9 @@ class BatchKV:
     """KV caches of up to ``slots`` requests for one model, and the passes over them."""
 
     def __init__(self, model, prefill_chunk: int = 512, widths=(), layout: str | None = None,
-                 compile_tokens=(), compile_mode: str | None = None):
-        """``layout``: ``"ragged"`` or ``"padded"``; by default ragged, padded where fixed ``widths`` are
+                 compile_tokens=(), compile_mode: str | None = None, attention: str = "sdpa"):
+        """``attention``: ``"sdpa"`` (torch's) or ``"invariant"`` (a row's result depends on its own keys
+        only, :mod:`aded_ray.verify.invariant_attention`; float32 on CPUs, eager passes). ``layout``: ``"ragged"`` or ``"padded"``; by default ragged, padded where fixed ``widths`` are
         given (fixed shapes need every request padded to one of them). ``compile_tokens`` (ragged only):
         token buckets of compiled passes (:mod:`aded_ray.verify.compiled_batch`); a ragged decoding pass of
         at most the largest runs compiled, padded to its bucket; ``compile_mode``: ``torch.compile``'s."""
@@ -255,6 +266,12 @@ class BatchKV:
         if self.compile_tokens and (self.layout != "ragged" or self.compile_tokens[0] < 1):
             raise ValueError(f"compile_tokens {self.compile_tokens} need the ragged layout and positive token "
                              f"counts (layout is {self.layout!r})")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention == "invariant" and (self.dtype != torch.float32 or self.device.type != "cpu"):
+            raise ValueError(f"attention 'invariant' runs float32 passes on a CPU, not {self.dtype} on "
+                             f"{self.device.type}")
+        self.attention = attention
         if model.config._attn_implementation != RAGGED:
             model.set_attn_implementation(_register_ragged_attention())
         self._compiled = None
@@ -321,6 +338,10 @@ class BatchKV:
         The LM head runs on the last position alone with ``last_only`` (logits ``[B, 1, V]``; a prefill), on
         the packed rows ``rows`` alone when they are given (ragged)."""
         self.current = p = _Pass(first, lens, allow.shape[1], self.device, counts)
+        if self.attention == "invariant":
+            p.rows = Rows.padded(allow, first) if counts is None else Rows.packed(allow, counts, first)
+            layers = self.cache.layers
+            p.buffers = lambda i: (layers[i].kbuf, layers[i].vbuf)
         mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(torch.from_numpy(~allow),
                                                                        torch.finfo(self.dtype).min)
         p.mask = mask = mask.to(self.device)[:, None]

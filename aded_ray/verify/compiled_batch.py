@@ -50,9 +50,15 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: 
     T = p.slot_t.shape[0]                            # real rows; the rest of the bucket is padding
     # the layer's own ragged write (each real row at its slot and position), then the running slots' views
     keys, values = kv.cache.layers[layer].update(key[:, :, :T], value[:, :, :T])
-    from aded_ray.verify.batch import ragged_attention
+    if p.rows is not None:                           # the row-invariant kernel over the slots' buffers
+        from aded_ray.verify.invariant_attention import attention
 
-    out = ragged_attention(query[:, :, :T], keys, values, p.mask, p, scaling)     # [T, H, D]
+        lay = kv.cache.layers[layer]
+        out = attention(query[0, :, :T].transpose(0, 1), lay.kbuf, lay.vbuf, p.rows, scaling)
+    else:
+        from aded_ray.verify.batch import ragged_attention
+
+        out = ragged_attention(query[:, :, :T], keys, values, p.mask, p, scaling)     # [T, H, D]
     full = query.new_zeros((query.shape[2], query.shape[1], query.shape[3]))
     full[:T] = out
     return full[None]                                                          # [1, T_bucket, H, D]

@@ -37,12 +37,18 @@ class ExactnessReport:
     def exact(self) -> bool:
         return self.argmax_mismatches == 0 and self.max_diff <= self.tolerance
 
+    @property
+    def bitwise(self) -> bool:
+        """Every compared row equal to plain decoding's bit for bit (what the invariant attention gives)."""
+        return self.argmax_mismatches == 0 and self.max_diff == 0.0
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "exact": self.exact}
+        return {**asdict(self), "exact": self.exact, "bitwise": self.bitwise}
 
     def summary(self) -> str:
         return (f"mode {self.mode}: {self.rows_compared} rows over {len(self.shapes)} shapes, max logit diff "
-                f"{self.max_diff:.3g} (tolerance {self.tolerance:g}), argmax mismatches {self.argmax_mismatches}")
+                f"{self.max_diff:.3g} (tolerance {self.tolerance:g}), argmax mismatches {self.argmax_mismatches}"
+                f"{', bit for bit' if self.bitwise else ''}")
 
 
 def branching_tree(n_nodes: int) -> np.ndarray:

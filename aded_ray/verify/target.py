@@ -25,6 +25,20 @@ import numpy as np
 import torch
 
 from aded_ray.draft.tree import DraftTree, ancestor_mask, pass_inputs
+from aded_ray.verify.invariant_attention import ATTENTIONS, Rows
+
+
+class _InvariantPass:
+    """A single-request pass whose attention is the row-invariant kernel over the growable buffers."""
+
+    ragged = False
+
+    def __init__(self, allow: np.ndarray, layers):
+        self.rows = Rows.padded(allow)
+        self.layers = layers
+
+    def buffers(self, i: int):
+        return self.layers[i]._kbuf, self.layers[i]._vbuf
 
 
 @functools.cache
@@ -83,9 +97,23 @@ def _growable_layer_class():
 class TreeVerifier:
     """One request's view of a causal LM: its KV cache and the committed length."""
 
-    def __init__(self, model, widths=()):
+    def __init__(self, model, widths=(), attention: str = "sdpa"):
+        """``attention``: ``"sdpa"`` (the model's own) or ``"invariant"`` (a row's result depends on its own
+        keys only, so a tree pass's rows equal plain decoding's bit for bit where the linears are
+        row-invariant: :mod:`aded_ray.verify.invariant_attention`; float32 on CPUs)."""
         from transformers import DynamicCache
 
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        self.attention = attention
+        if attention == "invariant":
+            from aded_ray.verify.batch import RAGGED, _register_ragged_attention
+
+            p = next(model.parameters())
+            if p.dtype != torch.float32 or p.device.type != "cpu":
+                raise ValueError(f"attention 'invariant' runs float32 on a CPU, not {p.dtype} on {p.device.type}")
+            if model.config._attn_implementation != RAGGED:
+                model.set_attn_implementation(_register_ragged_attention())
         self.model = model
         self.widths = tuple(sorted(int(w) for w in widths))
         if any(w < 1 for w in self.widths):
@@ -110,9 +138,13 @@ class TreeVerifier:
             raise ValueError("prefill needs at least one token")
         self.reset()
         x = torch.as_tensor(np.asarray(ids, np.int64), device=self.device)[None]
+        kwargs = {}
+        if self.attention == "invariant":
+            kwargs["aded_pass"] = _InvariantPass(np.tril(np.ones((len(ids), len(ids)), bool))[None],
+                                                 self.cache.layers)
         # only the last position's logits are used: the LM head runs on that row alone (on a 100-token
         # prompt it is a fifth of the prefill's multiply-adds otherwise)
-        out = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=1, **kwargs)
         self.length = len(ids)
         return out.logits[0, -1].float()
 
@@ -135,15 +167,18 @@ class TreeVerifier:
         x = torch.from_numpy(tokens).to(self.device)[None]
         position_ids = torch.from_numpy(pos).to(self.device)[None]
         kwargs = {}
-        if w > 1:
+        if w > 1 or self.attention == "invariant":
             allow = np.zeros((w, L + w), bool)
             allow[:, :L] = True                                       # everyone sees the committed prefix
             allow[:n, L:L + n] = ancestor_mask(tree.parents, include_root=True)
             pad = np.arange(n, w)
             allow[pad, L + pad] = True                                # padding rows see the prefix and themselves
-            mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(torch.from_numpy(~allow),
-                                                                           torch.finfo(self.dtype).min)
-            kwargs["attention_mask"] = mask.to(self.device)[None, None]
+            if self.attention == "invariant":
+                kwargs["aded_pass"] = _InvariantPass(allow[None], self.cache.layers)
+            else:
+                mask = torch.zeros(allow.shape, dtype=self.dtype).masked_fill_(torch.from_numpy(~allow),
+                                                                               torch.finfo(self.dtype).min)
+                kwargs["attention_mask"] = mask.to(self.device)[None, None]
         out = self.model(input_ids=x, position_ids=position_ids, cache=self.cache, use_cache=True,
                          **kwargs)
         return out.logits[0, :n].float()
