@@ -427,6 +427,16 @@ def _bench(a) -> int:
     return 0
 
 
+def _bench_attention(a) -> int:
+    from aded_ray.bench.attention import markdown, run_bench_attention
+
+    r = run_bench_attention(sets=a.sets, limit=a.limit, concurrency=a.concurrency, max_new_tokens=a.max_new_tokens,
+                            temperature=a.temperature, store=a.store, mode=a.mode, out_dir=a.out_dir)
+    print(markdown(r))
+    print(f"written: {a.out_dir}/bench-attention.md, bench-attention.json")
+    return 0
+
+
 def _bench_load(a) -> int:
     from aded_ray.bench.load import HEAD, markdown, run_bench_load
 
@@ -604,6 +614,18 @@ def main(argv=None) -> int:
                    help="aded_ray rows: 'auto' (cost model) and/or fixed node budgets, e.g. auto 8 16 64")
     e.add_argument("--out-dir", default="results")
     e.set_defaults(fn=_bench)
+
+    ba = sub.add_parser("bench-attention", help="the row-invariant attention against SDPA: speed and outputs "
+                                                "equal to plain decoding, greedy and sampled, under batching")
+    ba.add_argument("--sets", nargs="+", default=["mtbench", "humaneval"])
+    ba.add_argument("--limit", type=int, default=8, help="prompts per set")
+    ba.add_argument("--concurrency", type=int, default=4, help="requests submitted at once")
+    ba.add_argument("--max-new-tokens", type=int, default=96)
+    ba.add_argument("--temperature", type=float, default=0.8)
+    ba.add_argument("--store", default=None)
+    ba.add_argument("--mode", default="auto")
+    ba.add_argument("--out-dir", default="results")
+    ba.set_defaults(fn=_bench_attention)
 
     bl = sub.add_parser("bench-load", help="tokens/s and time per output token at rising concurrency")
     bl.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])

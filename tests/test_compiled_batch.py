@@ -19,10 +19,16 @@ def _tiny():
                                         max_position_embeddings=512)).eval()
 
 
-def test_compiled_ragged_passes_give_the_eager_rows_step_after_step():
+@pytest.mark.parametrize("attention", ["sdpa", "invariant"])
+def test_compiled_ragged_passes_give_the_eager_rows_step_after_step(attention, monkeypatch):
+    from aded_ray.verify import invariant_attention as ia
+
+    calls = []
+    kernel = ia.attend_rows
+    monkeypatch.setattr(ia, "attend_rows", lambda *a: calls.append(1) or kernel(*a))
     torch._dynamo.reset()
     model = _tiny()
-    eager, comp = BatchKV(model), BatchKV(model, compile_tokens=(4, 8))
+    eager, comp = BatchKV(model, attention=attention), BatchKV(model, compile_tokens=(4, 8), attention=attention)
     prompts = [list(range(10, 15)), list(range(40, 57)), list(range(90, 99))]
     for kv in (eager, comp):
         for p in prompts:
@@ -43,6 +49,9 @@ def test_compiled_ragged_passes_give_the_eager_rows_step_after_step():
         for kv in (eager, comp):
             kv.commit(keeps)
     assert comp.compiled_passes == 3 and eager.compiled_passes == 0     # the 13-token pass ran eager
+    # the invariant kernel in every layer of every pass, compiled ones included (2 layers, 3 prefills and 4
+    # passes for each BatchKV)
+    assert len(calls) == (2 * 2 * (3 + 4) if attention == "invariant" else 0)
     assert eager.lens.tolist() == comp.lens.tolist() == [5 + 3 + 1 + 3 + 1, 17 + 1 + 1 + 2 + 1, 9 + 3 + 1 + 1 + 1]
     for kv in (eager, comp):          # request 0 leaves: the last slot moves into its place
         kv.move_slot(2, 0)
