@@ -138,6 +138,13 @@ def test_tree_and_batched_passes_equal_plain_decoding_bit_for_bit(packed):
     rows = kv.forward_trees([610, 9], [tree, DraftTree([11, 12], [-1, 0])], prefill=chunk)
     for r, ref in zip(path_rows, plain):
         assert torch.equal(rows[r], ref)
+    # the padded layout (fixed widths): the same rows
+    padded = BatchKV(packed, widths=(16,), attention="invariant")
+    s = padded.add_slot()
+    padded.prefill(s, prompt)
+    rows = padded.forward_trees([610], [tree])
+    for r, ref in zip(path_rows, plain):
+        assert torch.equal(rows[r], ref)
     # the start-up check sees it too: bit for bit with the invariant kernel
     rep = check_exactness(lambda: TreeVerifier(packed, attention="invariant"), "fp32-packed", [(16, 37), (32, 133)])
     assert rep.exact and rep.bitwise, rep.summary()

@@ -9,6 +9,10 @@
 | ``bf16-packed`` | bf16, pre-packed for oneDNN (CPU only)  | no (plain decoding only)                   |
 | ``fp16``      | eager fp16 (GPUs)                         | checked at start-up                        |
 
+"Exact" here is about the linears; the attention's share is :mod:`aded_ray.verify.invariant_attention`'s
+(``verify.attention``, the CPU default in the float32 modes): with both, a tree pass's rows are plain decoding's
+bit for bit; with SDPA they agree to ~5e-5.
+
 ``fp32-mkl`` (the CPU default where a probe of the machine, :func:`preferred_cpu_mode`, finds MKL's packed
 kernel no more than 10% slower than oneDNN's; else ``fp32-packed``): each linear's weight packed once by MKL
 (``cblas_sgemm_pack``), run by its packed GEMM. Measured on the 2-core Xeon (AVX-512, torch 2.13, SmolLM2's
