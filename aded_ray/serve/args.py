@@ -33,6 +33,9 @@ class AppArgs(BaseModel):
                                             "start-up); auto: batched replicas on CPUs in mode fp32-mkl only")
     compile_tokens: Literal["auto"] | list[int] = Field("auto", description="token buckets of compiled batched "
                                                         "passes (auto: [1, 2, 4, 8, 16, 32] on CPUs)")
+    attention: Literal["auto", "sdpa", "invariant"] = Field(
+        "auto", description="attention kernel: invariant (tree rows equal plain decoding's bit for bit; the "
+                            "auto choice on CPUs in the float32 modes) or sdpa")
     draft: DraftConfig = DraftConfig()
     budget: Literal["auto"] | int = "auto"
     max_prompt_tokens: int = Field(4096, ge=1)
@@ -96,7 +99,7 @@ class AppArgs(BaseModel):
                             verify=VerifyConfig(model=self.model, mode=self.mode, device=self.device,
                                                 threads=self.threads, budget=self.budget, tp_size=self.tp_size,
                                                 compile=self.compile, compile_tokens=self.compile_tokens,
-                                                step_timeout_s=self.step_timeout_s))
+                                                attention=self.attention, step_timeout_s=self.step_timeout_s))
 
 
 class UserConfig(BaseModel):

@@ -245,9 +245,10 @@ class BatchKV:
 
     def __init__(self, model, prefill_chunk: int = 512, widths=(), layout: str | None = None,
                  compile_tokens=(), compile_mode: str | None = None, attention: str = "sdpa"):
-        """``attention``: ``"sdpa"`` (torch's) or ``"invariant"`` (a row's result depends on its own keys
-        only, :mod:`aded_ray.verify.invariant_attention`; float32 on CPUs, eager passes). ``layout``: ``"ragged"`` or ``"padded"``; by default ragged, padded where fixed ``widths`` are
-        given (fixed shapes need every request padded to one of them). ``compile_tokens`` (ragged only):
+        """``layout``: ``"ragged"`` or ``"padded"``; by default ragged, padded where fixed ``widths`` are
+        given (fixed shapes need every request padded to one of them). ``attention``: ``"sdpa"`` (torch's) or
+        ``"invariant"`` (a row's result depends on its own keys only, so that tree and batched rows equal plain
+        decoding's bit for bit: :mod:`aded_ray.verify.invariant_attention`; float32 on CPUs). ``compile_tokens`` (ragged only):
         token buckets of compiled passes (:mod:`aded_ray.verify.compiled_batch`); a ragged decoding pass of
         at most the largest runs compiled, padded to its bucket; ``compile_mode``: ``torch.compile``'s."""
         from transformers import DynamicCache

@@ -38,7 +38,11 @@ class _InvariantPass:
         self.layers = layers
 
     def buffers(self, i: int):
-        return self.layers[i]._kbuf, self.layers[i]._vbuf
+        layer = self.layers[i]
+        if not hasattr(layer, "_kbuf"):
+            raise ValueError(f"attention 'invariant' needs the verifier's growable KV layers, this model's cache "
+                             f"has {type(layer).__name__}")
+        return layer._kbuf, layer._vbuf
 
 
 @functools.cache
