@@ -24,8 +24,9 @@ def test_compiled_ragged_passes_give_the_eager_rows_step_after_step(attention, m
     from aded_ray.verify import invariant_attention as ia
 
     calls = []
-    kernel = ia.attend_rows
-    monkeypatch.setattr(ia, "attend_rows", lambda *a: calls.append(1) or kernel(*a))
+    for name in ("attend_rows", "attend_rows_serial"):       # (one thread: the serial one)
+        kernel = getattr(ia, name)
+        monkeypatch.setattr(ia, name, lambda *a, k=kernel: calls.append(1) or k(*a))
     torch._dynamo.reset()
     model = _tiny()
     eager, comp = BatchKV(model, attention=attention), BatchKV(model, compile_tokens=(4, 8), attention=attention)

@@ -59,6 +59,12 @@ def test_a_row_is_the_same_bits_whatever_else_is_in_the_pass():
     allow2[1, :, :L + 5] = allow[0]
     batch = attention(torch.cat([qs[:3], qs]), KK, VV, Rows.packed(allow2, [3, 5]), 0.25)
     assert torch.equal(batch[3 + 4], plain[0])
+    # the one-thread kernel computes the same bits (a replica given one thread runs it)
+    rows = Rows.packed(allow2, [3, 5])
+    out = torch.empty_like(batch)
+    ia.attend_rows_serial(torch.cat([qs[:3], qs]).numpy(), KK.numpy(), VV.numpy(), 0, rows.allow, rows.row_r,
+                          rows.row_i, rows.row_hi, rows.req_hi, 0.25, out.numpy())
+    assert torch.equal(out, batch)
     # it is attention: every row agrees with a float64 softmax over its visible keys
     rows = Rows.packed(allow2, [3, 5])
     vis = allow2[rows.row_r, rows.row_i]

@@ -161,20 +161,26 @@ def _row_group(q, kt, vs, ok, hi, sc, out):
             out[hh, d] = acc[hh, d] / z[hh]
 
 
-def _attend_rows(q, K, V, first, allow, row_r, row_i, row_hi, req_hi, scale, out):
+@njit(cache=True)
+def _scratch(req_hi, B, Hkv, D):
+    C = 0
+    for r in range(B):
+        C = max(C, req_hi[r])
+    return np.empty((B, Hkv, D, C), np.float32)      # keys transposed: the score loop runs over columns
+
+
+@njit(parallel=True, cache=True)
+def attend_rows(q, K, V, first, allow, row_r, row_i, row_hi, req_hi, scale, out):
     """``q`` [T, H, D] float32 (row t of request ``row_r[t]``, its ``row_i[t]``-th query), ``K``/``V``
     [slots, Hkv, cap, D] (request r in slot ``first + r``), ``allow`` [B, W, C] (bool: may row i of request
     r see column c), ``row_hi[t]`` / ``req_hi[r]``: one past the last column row t / any row of request r
-    sees; ``out`` [T, H, D]. The loops' bodies are functions of their own: numba compiles a parallel
-    loop's body into code that vectorises worse than an ordinary function (measured: 2x slower per thread)."""
+    sees; ``out`` [T, H, D]. The loops' bodies are functions of their own, shared with the one-thread
+    :func:`attend_rows_serial`: the same arithmetic whatever the threads."""
     T, H, D = q.shape
     B, Hkv = allow.shape[0], K.shape[1]
     G = H // Hkv
     sc = np.float32(scale)
-    C = 0
-    for r in range(B):
-        C = max(C, req_hi[r])
-    KT = np.empty((B, Hkv, D, C), np.float32)        # keys transposed: the score loop runs over columns
+    KT = _scratch(req_hi, B, Hkv, D)
     for rg in prange(B * Hkv):
         r, g = rg // Hkv, rg % Hkv
         _transpose(K[first + r, g], KT[r, g], req_hi[r])
@@ -185,7 +191,23 @@ def _attend_rows(q, K, V, first, allow, row_r, row_i, row_hi, req_hi, scale, out
                    out[t, g * G:(g + 1) * G])
 
 
-attend_rows = njit(parallel=True, cache=True)(_attend_rows)
+@njit(cache=True)
+def attend_rows_serial(q, K, V, first, allow, row_r, row_i, row_hi, req_hi, scale, out):
+    """:func:`attend_rows` on the calling thread alone: no thread pool is started (an idle OpenMP pool's
+    workers spin: a replica given one thread would burn a second core)."""
+    T, H, D = q.shape
+    B, Hkv = allow.shape[0], K.shape[1]
+    G = H // Hkv
+    sc = np.float32(scale)
+    KT = _scratch(req_hi, B, Hkv, D)
+    for rg in range(B * Hkv):
+        r, g = rg // Hkv, rg % Hkv
+        _transpose(K[first + r, g], KT[r, g], req_hi[r])
+    for tg in range(T * Hkv):
+        t, g = tg // Hkv, tg % Hkv
+        r = row_r[t]
+        _row_group(q[t, g * G:(g + 1) * G], KT[r, g], V[first + r, g], allow[r, row_i[t]], row_hi[t], sc,
+                   out[t, g * G:(g + 1) * G])
 
 
 class Rows:
@@ -236,6 +258,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows:
                          f"{len(rows.row_r)} rows over {rows.allow.shape[2]} columns")
     q = query.contiguous()
     out = torch.empty_like(q)
-    attend_rows(_np(q), _np(key), _np(value), rows.first, rows.allow, rows.row_r, rows.row_i, rows.row_hi,
+    kernel = attend_rows if torch.get_num_threads() > 1 else attend_rows_serial
+    kernel(_np(q), _np(key), _np(value), rows.first, rows.allow, rows.row_r, rows.row_i, rows.row_hi,
                 rows.req_hi, float(scale), _np(out))
     return out
