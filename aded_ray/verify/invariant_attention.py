@@ -11,19 +11,26 @@ How: the kernel walks each query row's **visible keys in increasing column order
 then its ancestors by depth, then itself: the same sequence, in the same order, that plain decoding's row
 for that position sees), and computes everything as a function of that sequence alone:
 
-1. a score per key: ``q . k`` over the head dimension as eight interleaved partial sums (lane ``d mod 8``)
-   added in a fixed tree, times the scale;
+1. a score per key: ``q . k`` summed over the head dimension in order, ``((q0 k0 + q1 k1) + q2 k2) + ...``,
+   times the scale; computed for all of a request's columns at once, one column per vector lane, over the
+   keys transposed once per call and key/value head (so no sum ever crosses lanes);
 2. ``m`` = the largest score (exact whatever the order);
-3. ``e_a = exp(s_a - m)``, each key's own; ``Z`` = their sum, sequential in key order;
-4. the output: ``sum_a e_a v_a`` accumulated over keys in order, each of the head dimension's entries on
-   its own, then divided by ``Z``.
+3. ``e_a = exp(s_a - m)`` by a polynomial of additions and multiplications (:func:`_exp_rows`); ``Z`` = their
+   sum in eight lanes by key index (``a mod 8``) combined in a fixed tree (:func:`_sum8`);
+4. the output: ``sum_a e_a v_a`` accumulated over keys in order (four per pass, added one after the other),
+   each of the head dimension's entries on its own, then divided by ``Z``.
 
 No step depends on the call's shape, the other rows, masked columns or where in a buffer a key lives, so
 a row's bits are the same in a prefill, a plain step, a tree pass or a batch of requests, as long as its
 keys' bits are (the linears are row-invariant in the packed modes, :mod:`aded_ray.verify.modes`, so the
 KV entries written by a tree pass equal plain decoding's). No ``fastmath``: the compiler may not
 re-associate. Loops over a row's keys may vectorise, but their split into vector body and remainder
-depends on the key count alone, which plain decoding and a tree pass share for the same position.
+depends on the key count alone, which plain decoding and a tree pass share for the same position (the score
+loop runs over all columns up to the row's last, so a column's lane differs between passes: its sum is
+per lane, so the bits do not).
+
+Threads: the rows of a pass are spread over numba's threads when torch has more than one, else computed on
+the calling thread (:func:`attend_rows_serial`: no thread pool started); both call the same loop bodies.
 
 Grouped query heads: query head ``h`` reads key/value head ``h // (H / Hkv)``.
 """
