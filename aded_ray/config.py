@@ -112,17 +112,19 @@ class VerifyConfig(_Strict):
             return "fp32"  # the compiler packs by itself (a copy per compiled shape)
         return mode
 
-    def resolved_attention(self, static: bool = False) -> str:
+    def resolved_attention(self, static: bool = False, device: str | None = None, mode: str | None = None) -> str:
         """The attention kernel: see ``attention``. ``static``: the compiled static single-request path
-        (which has no invariant attention). Raises ``ValueError`` naming the setting where "invariant"
-        cannot run (a GPU, a half-precision mode, tensor parallelism, the static path)."""
-        fits = (self.resolved_device() == "cpu" and self.resolved_mode() in ("fp32", "fp32-packed", "fp32-mkl")
-                and self.tp_size == 1 and not static)
+        (which has no invariant attention); ``device``/``mode``: already resolved (else resolved here). Raises
+        ``ValueError`` naming the setting where "invariant" cannot run (a GPU, a half-precision mode, tensor
+        parallelism, the static path)."""
+        device = device or self.resolved_device()
+        mode = mode or self.resolved_mode()
+        fits = device == "cpu" and mode in ("fp32", "fp32-packed", "fp32-mkl") and self.tp_size == 1 and not static
         if self.attention == "auto":
             return "invariant" if fits else "sdpa"
         if self.attention == "invariant" and not fits:
             raise ValueError(f"attention 'invariant' runs float32 passes on a CPU with tp_size 1 and no static "
-                             f"compiled path; here device {self.resolved_device()!r}, mode {self.resolved_mode()!r}, "
+                             f"compiled path; here device {device!r}, mode {mode!r}, "
                              f"tp_size {self.tp_size}{', static compiled passes' if static else ''}")
         return self.attention
 

@@ -79,7 +79,7 @@ class Engine:
             if warning := row_invariance_warning(self.mode):
                 log.warning(warning)
         self.widths = v.resolved_widths() if v.tp_size == 1 and not cfg.compiled_batched else []
-        self.attention = v.resolved_attention(static=cfg.compiled_static)
+        self.attention = v.resolved_attention(static=cfg.compiled_static, device=self.device, mode=self.mode)
         self.model_path = resolve_model(v.model)
         self.tokenizer = load_tokenizer(v.model)
         self.group = None

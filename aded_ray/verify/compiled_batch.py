@@ -53,8 +53,7 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: 
     if p.rows is not None:                           # the row-invariant kernel over the slots' buffers
         from aded_ray.verify.invariant_attention import attention
 
-        lay = kv.cache.layers[layer]
-        out = attention(query[0, :, :T].transpose(0, 1), lay.kbuf, lay.vbuf, p.rows, scaling)
+        out = attention(query[0, :, :T].transpose(0, 1), *p.buffers(layer), p.rows, scaling)
     else:
         from aded_ray.verify.batch import ragged_attention
 

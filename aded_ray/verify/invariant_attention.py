@@ -201,7 +201,9 @@ def attend_rows(q, K, V, first, allow, row_r, row_i, row_hi, req_hi, scale, out)
 @njit(cache=True)
 def attend_rows_serial(q, K, V, first, allow, row_r, row_i, row_hi, req_hi, scale, out):
     """:func:`attend_rows` on the calling thread alone: no thread pool is started (an idle OpenMP pool's
-    workers spin: a replica given one thread would burn a second core)."""
+    workers spin: a replica given one thread would burn a second core). A function of its own, not
+    ``njit(attend_rows.py_func)``: two dispatchers of one Python function share numba's cache file, and one
+    would load the other's (parallel) code."""
     T, H, D = q.shape
     B, Hkv = allow.shape[0], K.shape[1]
     G = H // Hkv
