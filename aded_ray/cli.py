@@ -443,7 +443,7 @@ def _bench_load(a) -> int:
     print(HEAD, flush=True)
     r = run_bench_load(levels=a.levels, max_new_tokens=a.max_new_tokens, min_requests=a.min_requests,
                        store=a.store, mode=a.mode, device=a.device, out_dir=a.out_dir, compiled=a.compiled,
-                       baseline_mode=a.baseline_mode)
+                       baseline_mode=a.baseline_mode, tp_size=a.tp_size)
     print(markdown(r))
     print(f"written: {a.out_dir}/bench-load.md, bench-load.json, bench-load.png")
     return 0
@@ -639,6 +639,8 @@ def main(argv=None) -> int:
                     help="also a second engine with batched passes compiled per token bucket (verify.compile)")
     bl.add_argument("--baseline-mode", default=None,
                     help="also a second engine in this verify mode (plain and speculative), e.g. fp32-packed")
+    bl.add_argument("--tp-size", type=int, default=1,
+                    help="> 1: the engine verifies through a DeepSpeed tensor-parallel group (mode fp32/bf16/fp16)")
     bl.set_defaults(fn=_bench_load)
 
     bc = sub.add_parser("bench-compile", help="compiled static-KV passes against fp32-packed: pass costs and "

@@ -133,23 +133,25 @@ class Engine:
 
         buckets = v.resolved_compile_tokens() if cfg.compiled_batched else ()
         compile_mode = "reduce-overhead" if self.device.startswith("cuda") else None   # CUDA graphs on a GPU
-        serial = (self.group is not None or cfg.compiled_static
-                  or cfg.max_batch == 1 and not self.widths)
-        make_kv = (lambda: SerialKV(self.make_verifier)) if serial else (
-            lambda: BatchKV(self.model, prefill_chunk=cfg.prefill_chunk, widths=self.widths,
-                            compile_tokens=buckets, compile_mode=compile_mode, attention=self.attention))
+        serial = cfg.compiled_static or cfg.max_batch == 1 and not self.widths
+        if self.group is not None and not serial:     # every rank batches its own shard's KV
+            make_kv = lambda: self.group.batch_kv(cfg.prefill_chunk)  # noqa: E731
+        elif serial:
+            make_kv = lambda: SerialKV(self.make_verifier)  # noqa: E731
+        else:
+            make_kv = lambda: BatchKV(self.model, prefill_chunk=cfg.prefill_chunk, widths=self.widths,  # noqa: E731
+                                      compile_tokens=buckets, compile_mode=compile_mode, attention=self.attention)
         kv = make_kv()
         if buckets:
             t0 = time.perf_counter()
             kv.warm_up()          # compile every bucket now, not in the first requests' passes
             log.info("compiled batched passes for token buckets %s in %.1f s", list(buckets),
                      time.perf_counter() - t0)
-        self.cost = self._pass_cost(make_kv, isinstance(kv, BatchKV)) if self.speculate else None
+        self.cost = self._pass_cost(make_kv, not isinstance(kv, SerialKV)) if self.speculate else None
         if self.cost is not None:
             self.cost.token_buckets = tuple(buckets)
-        # a tensor-parallel group's ranks hold one KV cache each: its requests run one at a time
         self.scheduler = Scheduler(kv, self.drafter if self.speculate else None, self._make_budget(v.budget),
-                                   self.eos_ids, max_batch=1 if self.group is not None else cfg.max_batch,
+                                   self.eos_ids, max_batch=cfg.max_batch,
                                    max_waiting=cfg.max_waiting, default_max_nodes=self.max_nodes, start=False,
                                    fuse_prefill=cfg.fuse_prefill)
 

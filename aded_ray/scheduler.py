@@ -239,6 +239,11 @@ class Scheduler:
             if not self._waiting:
                 return
             h = self._waiting.popleft()
+        try:
+            slot = self.kv.add_slot()
+        except Exception as e:               # (a broken tensor-parallel group): this request fails too
+            h.events.put(("error", e))
+            raise
         req = h.req
         speculate = req.speculate and self.drafter is not None
         drafter = (self.drafter.session() if hasattr(self.drafter, "session") else self.drafter) \
@@ -247,7 +252,6 @@ class Scheduler:
         st = RequestState(list(req.prompt_ids), req.max_new_tokens, req.sampling, self.eos, drafter,
                           cap if speculate else 0, h.stats)
         h.stats.prompt_tokens = len(req.prompt_ids)
-        slot = self.kv.add_slot()
         assert slot == len(self._running), (slot, len(self._running))
         self._prefilling = _Slot(h, st)
 
@@ -379,8 +383,11 @@ class Scheduler:
     def _fail_all(self, exc: Exception) -> None:
         slots = self._running + ([self._prefilling] if self._prefilling is not None else [])
         self._running, self._prefilling = [], None
-        while self.kv.used:
-            self.kv.drop_last()
+        try:
+            while self.kv.used:
+                self.kv.drop_last()
+        except Exception:  # noqa: BLE001 - the requests still get their error below
+            log.exception("freeing the failed requests' KV slots failed")
         for s in slots:
             self._close_drafter(s)
             s.handle.events.put(("error", exc))

@@ -344,3 +344,55 @@ def test_the_decode_loop_drafts_with_one_call_when_the_drafter_has_it():
         s.close()
     assert out == alone(PROMPTS[5], 30) and h.stats.accepted_tokens > 0
     assert d.two == 0 and len(d.one) == h.stats.steps and d.one == sorted(d.one)
+
+
+class BreakingKV(FakeKV):
+    """A KV whose calls fail on demand, as a tensor-parallel group's do once a rank died."""
+
+    fail: set = set()
+
+    def add_slot(self):
+        if "add_slot" in self.fail:
+            raise RuntimeError("group broken: add_slot")
+        return super().add_slot()
+
+    def drop_last(self):
+        if "drop_last" in self.fail:
+            raise RuntimeError("group broken: drop_last")
+        super().drop_last()
+
+    def forward_trees(self, roots, trees, width=None):
+        if "forward_trees" in self.fail:
+            raise RuntimeError("group broken: forward_trees")
+        return super().forward_trees(roots, trees, width)
+
+
+def _outcome(h, timeout=10):
+    """What iterating the handle gives: the tokens, or the error it raised (None: it hung)."""
+    box = []
+
+    def it():
+        try:
+            box.append([t for toks, _ in h for t in toks])
+        except Exception as e:  # noqa: BLE001
+            box.append(e)
+
+    t = threading.Thread(target=it, daemon=True)
+    t.start()
+    t.join(timeout)
+    return box[0] if box else None
+
+
+@pytest.mark.parametrize("fail", [{"add_slot"}, {"forward_trees", "drop_last"}])
+def test_a_failing_kv_fails_the_request_and_the_scheduler_goes_on(fail):
+    kv = BreakingKV()
+    kv.fail = set(fail)
+    s = Scheduler(kv, OracleDrafter(), FixedBudget(4), [EOS], max_batch=4, default_max_nodes=8)
+    try:
+        got = _outcome(s.submit(GenRequest(PROMPTS[2], 20), GenerationStats()))
+        assert isinstance(got, RuntimeError) and "group broken" in str(got)     # an error, not a hang
+        kv.fail = set()
+        kv.slots, kv.pending = [], []                      # (what freeing the slots would have done)
+        assert _outcome(s.submit(GenRequest(PROMPTS[3], 20), GenerationStats())) == alone(PROMPTS[3], 20)
+    finally:
+        s.close()

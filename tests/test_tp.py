@@ -29,25 +29,49 @@ def store(tmp_path_factory, corpus_matrix):
     return str(path)
 
 
-def engine(store, **verify):
+def engine(store, max_batch=4, **verify):
     from aded_ray.config import EngineConfig, VerifyConfig
     from aded_ray.engine import Engine
 
-    return Engine(EngineConfig(store=store, verify=VerifyConfig(mode="fp32", **verify)))
+    # max_batch 4: as a Serve replica's default max_running (one cost table for every engine here)
+    return Engine(EngineConfig(store=store, max_batch=max_batch, verify=VerifyConfig(mode="fp32", **verify)))
+
+
+PROMPTS = [PROMPT, "List three fruits.", "Explain recursion to a child."]
 
 
 def test_tp2_greedy_equals_single_process(ray_local, store):
+    from aded_ray.tp.group import TPBatchKV
+
     single = engine(store, budget=0)
-    ref = [t for c in single.generate(PROMPT, chat=True, max_new_tokens=40, speculate=False) for t in c.token_ids]
+    refs = [[t for c in single.generate(p, chat=True, max_new_tokens=40, speculate=False) for t in c.token_ids]
+            for p in PROMPTS]
     tp = engine(store, tp_size=2, budget=8)
     try:
         assert tp.exact and tp.speculate
-        chunks = list(tp.generate(PROMPT, chat=True, max_new_tokens=40))
-        out = [t for c in chunks for t in c.token_ids]
-        assert out == ref
-        assert chunks[-1].stats.accepted_tokens > 0          # trees really went through the group
+        assert isinstance(tp.scheduler.kv, TPBatchKV)        # every rank batches its shard's KV
+        outs, stats = [None] * len(PROMPTS), [None] * len(PROMPTS)
+        decoding = threading.Event()
+
+        def go(i):
+            chunks = []
+            for c in tp.generate(PROMPTS[i], chat=True, max_new_tokens=40):
+                chunks.append(c)
+                decoding.set()
+            outs[i], stats[i] = [t for c in chunks for t in c.token_ids], chunks[-1].stats
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(len(PROMPTS))]
+        threads[0].start()
+        assert decoding.wait(120)                          # the others arrive while the first decodes
+        [t.start() for t in threads[1:]]
+        [t.join(300) for t in threads]
+        assert outs == refs                                  # three requests at once, each as alone
+        assert sum(s.accepted_tokens for s in stats) > 0     # trees really went through the group
+        c = tp.scheduler.counters
+        assert c.steps < sum(s.steps for s in stats)         # and shared passes (continuous batching)
+        assert c.fused_prefills > 0                          # a newcomer's prompt rode in a decoding pass
         plain = [t for c in tp.generate(PROMPT, chat=True, max_new_tokens=40, speculate=False) for t in c.token_ids]
-        assert plain == ref
+        assert plain == refs[0]
     finally:
         tp.shutdown()
 

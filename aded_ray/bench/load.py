@@ -124,19 +124,29 @@ def _merge(parts: list[dict], offset: int) -> dict:
 
 def run_bench_load(*, levels=(1, 2, 4, 8, 16, 32), max_new_tokens: int = 64, min_requests: int = 8,
                    store: str | None = None, mode: str = "auto", device: str = "auto",
-                   out_dir: str | Path = "results", compiled: bool = False, baseline_mode: str | None = None) -> dict:
+                   out_dir: str | Path = "results", compiled: bool = False, baseline_mode: str | None = None,
+                   tp_size: int = 1) -> dict:
     """``compiled``: also run a second engine whose batched passes are compiled per token bucket
     (``verify.compile``, the default mode), plain and speculative, interleaved with the others; ``baseline_mode``:
     the second engine runs that verify mode instead. It lives in a process of its own
-    (:func:`_second_engine`), which runs its systems' levels when asked."""
+    (:func:`_second_engine`), which runs its systems' levels when asked. ``tp_size`` > 1: the engine verifies
+    through a DeepSpeed tensor-parallel group of that many rank actors (a local Ray is started), and "one at a
+    time" is what such a replica did before it batched."""
     if compiled and baseline_mode:
         raise ValueError("bench-load runs one second engine: --compiled or --baseline-mode, not both")
+    if tp_size > 1 and (compiled or baseline_mode):
+        raise ValueError("bench-load with --tp-size runs one engine: no --compiled or --baseline-mode")
     from aded_ray.config import EngineConfig, VerifyConfig
     from aded_ray.engine import Engine
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    engine = Engine(EngineConfig(store=store, verify=VerifyConfig(mode=mode, device=device),
+    if tp_size > 1:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=max(4, 2 * tp_size), include_dashboard=False, log_to_driver=False)
+    engine = Engine(EngineConfig(store=store, verify=VerifyConfig(mode=mode, device=device, tp_size=tp_size),
                                  max_batch=max(levels), max_waiting=4096))
     for p in load_prompts("grounded"):              # warm-up: kernels, cost curve, the budget's estimates
         list(engine.generate(p["messages"], max_new_tokens=max_new_tokens))

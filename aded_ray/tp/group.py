@@ -29,7 +29,9 @@ Devices and loading (see :func:`rank_env`):
 from __future__ import annotations
 
 import glob
+import itertools
 import os
+import weakref
 
 import numpy as np
 
@@ -93,6 +95,8 @@ class RankWorker:
         self.model = engine.module.eval()
         self.rank = rank
         self.verifier = TreeVerifier(self.model)
+        self.kvs: dict[int, object] = {}       # TPBatchKV id -> this rank's BatchKV of its shard
+        self.saved: dict[int, list] = {}        # save_prefix handle -> this rank's copy (the latest two)
 
     def ready(self) -> int:
         return self.rank
@@ -116,6 +120,48 @@ class RankWorker:
     def commit(self, keep) -> int:
         self.verifier.commit(keep)
         return self.verifier.length
+
+    # ---- batched passes (TPBatchKV): every rank runs the same call on its own BatchKV ----------------
+    def kv_new(self, kid: int, prefill_chunk: int) -> None:
+        from aded_ray.verify.batch import BatchKV
+
+        self.kvs[kid] = BatchKV(self.model, prefill_chunk=prefill_chunk)
+
+    def kv_drop(self, kid: int) -> None:
+        self.kvs.pop(kid, None)
+
+    def kv_call(self, kid: int, method: str, args: tuple):
+        """``BatchKV.method(*args)`` on this rank; returns (rank 0's result, the slots' lengths). Logits come
+        back as float32 arrays; a prompt chunk riding in a pass as ``(ids, start, max_tokens)``, and its
+        outcome as ``(logits, ran, chunk logits)``."""
+        import torch
+
+        from aded_ray.verify.batch import PrefillChunk
+
+        kv = self.kvs[kid]
+        chunk = None
+        if method == "save_prefix":
+            slot, n, handle = args
+            self.saved[handle] = kv.save_prefix(slot, n)
+            for old in sorted(self.saved)[:-2]:
+                del self.saved[old]
+            out = None
+        elif method == "load_prefix":
+            slot, handle = args
+            out = kv.load_prefix(slot, self.saved[handle])
+        elif method == "forward_trees":
+            roots, trees, chunk_args = args
+            chunk = PrefillChunk(*chunk_args) if chunk_args is not None else None
+            out = kv.forward_trees(roots, trees, prefill=chunk) if chunk is not None else kv.forward_trees(roots, trees)
+        else:
+            out = getattr(kv, method)(*args)
+        if self.rank != 0:
+            return None, None
+        if isinstance(out, torch.Tensor):
+            out = out.float().cpu().numpy()
+        if chunk is not None:
+            out = (out, chunk.ran, None if chunk.logits is None else chunk.logits.float().cpu().numpy())
+        return out, kv.lens.copy()
 
 
 class GroupBroken(RuntimeError):
@@ -200,6 +246,18 @@ class TPGroup:
     def verifier(self) -> "TPVerifier":
         return TPVerifier(self)
 
+    def batch_kv(self, prefill_chunk: int = 512) -> "TPBatchKV":
+        return TPBatchKV(self, prefill_chunk)
+
+    def drop_kv(self, kid: int) -> None:
+        """Free a :class:`TPBatchKV`'s caches on the ranks (best effort: a broken group holds nothing)."""
+        if not self.broken:
+            for r in self.ranks:
+                try:
+                    r.kv_drop.remote(kid)
+                except Exception:  # noqa: BLE001
+                    pass
+
     def shutdown(self) -> None:
         import ray
 
@@ -220,27 +278,106 @@ class TPGroup:
                 pass
 
 
+def _tensor(a: np.ndarray):
+    """A tensor of an array Ray returned (from its object store: read-only, so copied)."""
+    import torch
+
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 class TPVerifier:
-    """The :class:`TreeVerifier` interface over a :class:`TPGroup` (one request at a time)."""
+    """The :class:`TreeVerifier` interface over a :class:`TPGroup`, one request at a time (the exactness check's
+    and ``max_batch`` 1's; batched engines use :class:`TPBatchKV`)."""
 
     def __init__(self, group: TPGroup):
         self.group = group
         self.length = 0
 
     def prefill(self, ids):
-        import torch
-
-        out = torch.from_numpy(self.group._all("prefill", [int(t) for t in ids]))
+        out = _tensor(self.group._all("prefill", [int(t) for t in ids]))
         self.length = len(ids)
         return out
 
     def forward_tree(self, root: int, tree: DraftTree):
-        import torch
-
-        return torch.from_numpy(self.group._all("forward_tree", int(root), np.asarray(tree.tokens),
-                                                np.asarray(tree.parents)))
+        return _tensor(self.group._all("forward_tree", int(root), np.asarray(tree.tokens), np.asarray(tree.parents)))
 
     def commit(self, keep) -> None:
         self.length = self.group._all("commit", [int(k) for k in keep])
 
 
+
+
+_kv_ids = itertools.count(1)
+
+
+class TPBatchKV:
+    """The :class:`aded_ray.verify.batch.BatchKV` interface over a :class:`TPGroup`: continuous batching in a
+    tensor-parallel replica. Every rank holds a ``BatchKV`` of its own shard (the KV of its heads) and runs
+    each call with identical arguments, so the ranks' collectives match; rank 0's results come back (logits
+    as float32 on the host, where the decode loop reduces them) with the slots' lengths. Ragged layout with
+    SDPA attention; a newcomer's prompt chunk rides in the decoding pass as in one process; the chat
+    preamble's KV is kept on the ranks (the latest two) and copied into a slot by handle."""
+
+    layout = "ragged"
+    fuses_prefill = True
+
+    def __init__(self, group: TPGroup, prefill_chunk: int = 512):
+        import torch
+
+        self.group, self.prefill_chunk = group, int(prefill_chunk)
+        self.kid = next(_kv_ids)
+        self.lens = np.zeros(0, np.int64)
+        self.device = torch.device("cpu")      # where the logits arrive
+        self._handles = itertools.count(1)
+        group._all("kv_new", self.kid, self.prefill_chunk)
+        weakref.finalize(self, group.drop_kv, self.kid)
+
+    def _call(self, method: str, *args):
+        out, lens = self.group._all("kv_call", self.kid, method, args)
+        self.lens = np.array(lens)            # (arrays from Ray's object store are read-only)
+        return out
+
+
+    @property
+    def used(self) -> int:
+        return len(self.lens)
+
+    def add_slot(self) -> int:
+        return self._call("add_slot")
+
+    def move_slot(self, src: int, dst: int) -> None:
+        self._call("move_slot", int(src), int(dst))
+
+    def drop_last(self) -> None:
+        if self.group.broken:                  # freeing slots after a failed step: nothing left to free there
+            self.lens = self.lens[:-1]
+            return
+        self._call("drop_last")
+
+    def save_prefix(self, slot: int, n: int) -> int:
+        handle = next(self._handles)
+        self._call("save_prefix", int(slot), int(n), handle)
+        return handle
+
+    def load_prefix(self, slot: int, handle: int) -> None:
+        self._call("load_prefix", int(slot), handle)
+
+    def prefill(self, slot: int, ids, start: int = 0, max_tokens: int | None = None):
+        out = self._call("prefill", int(slot), [int(t) for t in ids], int(start), max_tokens)
+        return None if out is None else _tensor(out)
+
+    def forward_trees(self, roots, trees: list[DraftTree], width: int | None = None, prefill=None):
+        if width is not None:
+            raise ValueError(f"a tensor-parallel batch is ragged: no fixed width ({width})")
+        trees = [DraftTree(np.asarray(t.tokens), np.asarray(t.parents)) for t in trees]
+        chunk = None if prefill is None else ([int(t) for t in prefill.ids], int(prefill.start),
+                                              int(prefill.max_tokens))
+        out = self._call("forward_trees", [int(r) for r in roots], trees, chunk)
+        if prefill is None:
+            return _tensor(out)
+        out, prefill.ran, logits = out
+        prefill.logits = None if logits is None else _tensor(logits)
+        return _tensor(out)
+
+    def commit(self, keeps: list[list[int]]) -> None:
+        self._call("commit", [[int(i) for i in k] for k in keeps])
