@@ -1,8 +1,9 @@
 """A verifier backed by ``tp_size`` Ray actors running DeepSpeed AutoTP (SPMD).
 
 Each rank actor holds one shard of the model (``deepspeed.init_inference(tensor_parallel={"tp_size": N},
-replace_with_kernel_inject=False)``) and its own :class:`TreeVerifier` (KV cache of its heads). Every call
-(prefill, tree forward, commit) goes to all ranks at once with identical arguments; rank 0's logits are
+replace_with_kernel_inject=False)``), its own :class:`TreeVerifier` (one request; the KV cache of its heads)
+and the batched KV of its shard for continuous batching (:class:`TPBatchKV`). Every call (prefill, tree
+forward, commit; a batched pass) goes to all ranks at once with identical arguments; rank 0's logits are
 returned. A call that does not complete within ``step_timeout_s`` (a dead or hung rank: the others wait
 in a collective) marks the group broken: the request fails, ``healthy()`` turns false, the Serve replica
 fails its health check and Serve replaces it with a fresh group.
@@ -305,9 +306,8 @@ class TPVerifier:
         self.length = self.group._all("commit", [int(k) for k in keep])
 
 
-
-
-_kv_ids = itertools.count(1)
+_kv_ids = itertools.count(1)          # TPBatchKV ids and saved-prefix handles: unique in the process
+_handles = itertools.count(1)
 
 
 class TPBatchKV:
@@ -328,7 +328,6 @@ class TPBatchKV:
         self.kid = next(_kv_ids)
         self.lens = np.zeros(0, np.int64)
         self.device = torch.device("cpu")      # where the logits arrive
-        self._handles = itertools.count(1)
         group._all("kv_new", self.kid, self.prefill_chunk)
         weakref.finalize(self, group.drop_kv, self.kid)
 
@@ -355,7 +354,7 @@ class TPBatchKV:
         self._call("drop_last")
 
     def save_prefix(self, slot: int, n: int) -> int:
-        handle = next(self._handles)
+        handle = next(_handles)
         self._call("save_prefix", int(slot), int(n), handle)
         return handle
 
