@@ -131,15 +131,18 @@ class RankWorker:
     def kv_drop(self, kid: int) -> None:
         self.kvs.pop(kid, None)
 
-    def kv_call(self, kid: int, method: str, args: tuple):
-        """``BatchKV.method(*args)`` on this rank; returns (rank 0's result, the slots' lengths). Logits come
-        back as float32 arrays; a prompt chunk riding in a pass as ``(ids, start, max_tokens)``, and its
-        outcome as ``(logits, ran, chunk logits)``."""
+    def kv_call(self, kid: int, method: str, args: tuple, commit: list | None = None):
+        """``BatchKV.method(*args)`` on this rank, after ``BatchKV.commit(commit)`` when one is given (the last
+        step's, sent with the next call: one round trip per step); returns (rank 0's result, the slots'
+        lengths). Logits come back as float32 arrays; a prompt chunk riding in a pass as ``(ids, start,
+        max_tokens)``, and its outcome as ``(logits, ran, chunk logits)``."""
         import torch
 
         from aded_ray.verify.batch import PrefillChunk
 
         kv = self.kvs[kid]
+        if commit is not None:
+            kv.commit(commit)
         chunk = None
         if method == "save_prefix":
             slot, n, handle = args
@@ -150,6 +153,8 @@ class RankWorker:
         elif method == "load_prefix":
             slot, handle = args
             out = kv.load_prefix(slot, self.saved[handle])
+        elif method == "sync":
+            out = None
         elif method == "forward_trees":
             roots, trees, chunk_args = args
             chunk = PrefillChunk(*chunk_args) if chunk_args is not None else None
@@ -328,11 +333,13 @@ class TPBatchKV:
         self.kid = next(_kv_ids)
         self.lens = np.zeros(0, np.int64)
         self.device = torch.device("cpu")      # where the logits arrive
+        self._commit: list | None = None        # the last step's compaction, sent with the next call
         group._all("kv_new", self.kid, self.prefill_chunk)
         weakref.finalize(self, group.drop_kv, self.kid)
 
     def _call(self, method: str, *args):
-        out, lens = self.group._all("kv_call", self.kid, method, args)
+        commit, self._commit = self._commit, None
+        out, lens = self.group._all("kv_call", self.kid, method, args, commit)
         self.lens = np.array(lens)            # (arrays from Ray's object store are read-only)
         return out
 
@@ -379,4 +386,11 @@ class TPBatchKV:
         return _tensor(out)
 
     def commit(self, keeps: list[list[int]]) -> None:
-        self._call("commit", [[int(i) for i in k] for k in keeps])
+        """Compaction goes to the ranks with the next call (the next pass, or freeing a finished request's
+        slot), saving a round trip per step; the lengths here count it at once."""
+        if self._commit is not None:
+            self._call("sync")                 # (two compactions without a call between: send the first)
+        self._commit = [[int(i) for i in k] for k in keeps]
+        lens = self.lens.copy()
+        lens[: len(keeps)] += np.array([len(k) for k in self._commit], np.int64)
+        self.lens = lens
