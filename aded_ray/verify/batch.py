@@ -493,8 +493,9 @@ class BatchKV:
 
 
 class SerialKV:
-    """The :class:`BatchKV` interface over one single-request verifier per slot (e.g. a tensor-parallel
-    group's): a "batched" pass runs the requests one after the other. Correct everywhere, batched nowhere."""
+    """The :class:`BatchKV` interface over one single-request verifier per slot (``max_batch`` 1, the compiled
+    static verifier, a tensor-parallel group's single-request verifier): a "batched" pass runs the requests
+    one after the other. Correct everywhere, batched nowhere."""
 
     layout = "ragged"         # nothing pads: each request's pass carries its own tokens only
     fuses_prefill = False     # a prompt is prefilled by its own verifier, in a pass of its own
