@@ -30,11 +30,13 @@ def store(tmp_path_factory, corpus_matrix):
 
 
 def engine(store, max_batch=4, **verify):
-    from aded_ray.config import EngineConfig, VerifyConfig
+    from aded_ray.config import DraftConfig, EngineConfig, VerifyConfig
     from aded_ray.engine import Engine
 
-    # max_batch 4: as a Serve replica's default max_running (one cost table for every engine here)
-    return Engine(EngineConfig(store=store, max_batch=max_batch, verify=VerifyConfig(mode="fp32", **verify)))
+    # max_batch 4 (a Serve replica's default max_running) and trees of at most 8 nodes: one small cost table,
+    # measured once through the group, for every tensor-parallel engine here and the Serve replica below
+    return Engine(EngineConfig(store=store, max_batch=max_batch, draft=DraftConfig(max_nodes=8),
+                               verify=VerifyConfig(mode="fp32", **verify)))
 
 
 PROMPTS = [PROMPT, "List three fruits.", "Explain recursion to a child."]
@@ -117,7 +119,7 @@ def test_serve_app_with_tp2_and_replica_replacement(ray_local, store, tmp_path):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"store": store, "redis_url": "off", "tp_size": 2, "num_cpus": 0.5, "cpus_per_rank": 0.5,
-                     "mode": "fp32", "step_timeout_s": 20})
+                     "mode": "fp32", "step_timeout_s": 20, "draft": {"max_nodes": 8}})
     serve.run(app, name="aded", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 32, "temperature": 0}
