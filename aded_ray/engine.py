@@ -147,7 +147,8 @@ class Engine:
             kv.warm_up()          # compile every bucket now, not in the first requests' passes
             log.info("compiled batched passes for token buckets %s in %.1f s", list(buckets),
                      time.perf_counter() - t0)
-        self.cost = self._pass_cost(make_kv, not isinstance(kv, SerialKV)) if self.speculate else None
+        self.cost = self._pass_cost(make_kv, None if isinstance(kv, SerialKV) else kv.layout) \
+            if self.speculate else None
         if self.cost is not None:
             self.cost.token_buckets = tuple(buckets)
         self.scheduler = Scheduler(kv, self.drafter if self.speculate else None, self._make_budget(v.budget),
@@ -174,9 +175,10 @@ class Engine:
         if hasattr(self, "scheduler"):
             self.scheduler.drafter = value if self.speculate else None
 
-    def _pass_cost(self, make_kv, batched: bool):
+    def _pass_cost(self, make_kv, layout: str | None):
         """What a verification pass costs here, per (batch, width): measured on this engine's own kind of KV
-        once per machine, model, mode and grid (cached; re-measured when a quick probe disagrees)."""
+        once per machine, model, mode and grid (cached; re-measured when a quick probe disagrees). ``layout``:
+        the batched KV's (``None``: one request's verifier at a time)."""
         from aded_ray.paths import cache_dir
         from aded_ray.verify.cost import (PassCost, cached_pass_cost, measure_cost_curve, measure_pass_cost,
                                           pass_grid)
@@ -192,13 +194,12 @@ class Engine:
         mode_key += f"-{self.device}" + "".join(f"-w{w}" for w in self.widths) + ("-compiled" if compiled else "")
         if self.config.compiled_batched:
             mode_key += "-t" + "-".join(str(t) for t in v.resolved_compile_tokens())
-        if batched:
+        if layout is not None:
             grid = pass_grid(self.config.max_batch, self.max_nodes + 1, self.widths,
                              max_tokens=1024 if self.device.startswith("cuda") else 256)
             # the start-up probe: one request (a batch's point would first prefill max_batch prompts, ~10 s)
             probe_grid = {1: [w for w in grid[1] if w in (1, 8)] or grid[1][:1]}
             measure = lambda g, reps=3: measure_pass_cost(make_kv, g, reps=reps, widths=self.widths)  # noqa: E731
-            layout = getattr(make_kv(), "layout", "padded")
             key = f"{self.model_path}|{mode_key}|batched-{layout}|{sorted(grid.items())}"
             return cached_pass_cost(lambda: measure(grid), lambda: measure(probe_grid, 5), key, cache_dir() / "cost")
         key = f"{self.model_path}|{mode_key}|serial"

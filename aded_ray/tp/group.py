@@ -375,7 +375,6 @@ class TPBatchKV:
     def forward_trees(self, roots, trees: list[DraftTree], width: int | None = None, prefill=None):
         if width is not None:
             raise ValueError(f"a tensor-parallel batch is ragged: no fixed width ({width})")
-        trees = [DraftTree(np.asarray(t.tokens), np.asarray(t.parents)) for t in trees]
         chunk = None if prefill is None else ([int(t) for t in prefill.ids], int(prefill.start),
                                               int(prefill.max_tokens))
         out = self._call("forward_trees", [int(r) for r in roots], trees, chunk)

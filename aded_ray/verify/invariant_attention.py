@@ -176,6 +176,25 @@ def _scratch(req_hi, B, Hkv, D):
     return np.empty((B, Hkv, D, C), np.float32)      # keys transposed: the score loop runs over columns
 
 
+@njit(cache=True)
+def _transpose_group(rg, K, KT, first, req_hi):
+    """Key/value head ``rg % Hkv`` of request ``rg // Hkv``: its keys transposed into ``KT``."""
+    Hkv = K.shape[1]
+    r, g = rg // Hkv, rg % Hkv
+    _transpose(K[first + r, g], KT[r, g], req_hi[r])
+
+
+@njit(cache=True)
+def _attend_group(tg, q, KT, V, first, allow, row_r, row_i, row_hi, sc, out):
+    """Row ``tg // Hkv``'s query heads of key/value head ``tg % Hkv``."""
+    Hkv = V.shape[1]
+    G = q.shape[1] // Hkv
+    t, g = tg // Hkv, tg % Hkv
+    r = row_r[t]
+    _row_group(q[t, g * G:(g + 1) * G], KT[r, g], V[first + r, g], allow[r, row_i[t]], row_hi[t], sc,
+               out[t, g * G:(g + 1) * G])
+
+
 @njit(parallel=True, cache=True)
 def attend_rows(q, K, V, first, allow, row_r, row_i, row_hi, req_hi, scale, out):
     """``q`` [T, H, D] float32 (row t of request ``row_r[t]``, its ``row_i[t]``-th query), ``K``/``V``
@@ -183,19 +202,11 @@ def attend_rows(q, K, V, first, allow, row_r, row_i, row_hi, req_hi, scale, out)
     r see column c), ``row_hi[t]`` / ``req_hi[r]``: one past the last column row t / any row of request r
     sees; ``out`` [T, H, D]. The loops' bodies are functions of their own, shared with the one-thread
     :func:`attend_rows_serial`: the same arithmetic whatever the threads."""
-    T, H, D = q.shape
-    B, Hkv = allow.shape[0], K.shape[1]
-    G = H // Hkv
-    sc = np.float32(scale)
-    KT = _scratch(req_hi, B, Hkv, D)
-    for rg in prange(B * Hkv):
-        r, g = rg // Hkv, rg % Hkv
-        _transpose(K[first + r, g], KT[r, g], req_hi[r])
-    for tg in prange(T * Hkv):
-        t, g = tg // Hkv, tg % Hkv
-        r = row_r[t]
-        _row_group(q[t, g * G:(g + 1) * G], KT[r, g], V[first + r, g], allow[r, row_i[t]], row_hi[t], sc,
-                   out[t, g * G:(g + 1) * G])
+    KT = _scratch(req_hi, allow.shape[0], K.shape[1], q.shape[2])
+    for rg in prange(KT.shape[0] * KT.shape[1]):
+        _transpose_group(rg, K, KT, first, req_hi)
+    for tg in prange(q.shape[0] * K.shape[1]):
+        _attend_group(tg, q, KT, V, first, allow, row_r, row_i, row_hi, np.float32(scale), out)
 
 
 @njit(cache=True)
@@ -204,19 +215,11 @@ def attend_rows_serial(q, K, V, first, allow, row_r, row_i, row_hi, req_hi, scal
     workers spin: a replica given one thread would burn a second core). A function of its own, not
     ``njit(attend_rows.py_func)``: two dispatchers of one Python function share numba's cache file, and one
     would load the other's (parallel) code."""
-    T, H, D = q.shape
-    B, Hkv = allow.shape[0], K.shape[1]
-    G = H // Hkv
-    sc = np.float32(scale)
-    KT = _scratch(req_hi, B, Hkv, D)
-    for rg in range(B * Hkv):
-        r, g = rg // Hkv, rg % Hkv
-        _transpose(K[first + r, g], KT[r, g], req_hi[r])
-    for tg in range(T * Hkv):
-        t, g = tg // Hkv, tg % Hkv
-        r = row_r[t]
-        _row_group(q[t, g * G:(g + 1) * G], KT[r, g], V[first + r, g], allow[r, row_i[t]], row_hi[t], sc,
-                   out[t, g * G:(g + 1) * G])
+    KT = _scratch(req_hi, allow.shape[0], K.shape[1], q.shape[2])
+    for rg in range(KT.shape[0] * KT.shape[1]):
+        _transpose_group(rg, K, KT, first, req_hi)
+    for tg in range(q.shape[0] * K.shape[1]):
+        _attend_group(tg, q, KT, V, first, allow, row_r, row_i, row_hi, np.float32(scale), out)
 
 
 class Rows:
